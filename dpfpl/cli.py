@@ -1,0 +1,121 @@
+"""The ``dpfpl`` command line: train, account, audit, bench, pretrain, methods, datasets.
+
+Every training option is a field of :class:`dpfpl.config.RunConfig`; ``--help`` lists them with
+their defaults. Errors a user can fix print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import MISSING, fields
+from typing import Any, Optional, Sequence
+
+from .config import RunConfig, base_type, field_index, load_mapping
+from .errors import DpfplError
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per RunConfig field (default SUPPRESS so explicit flags can be told apart)."""
+    defaults = RunConfig()
+    for sec in RunConfig.SECTIONS:
+        group = p.add_argument_group(f"{sec} options")
+        for name, (s, f) in field_index().items():
+            if s != sec:
+                continue
+            typ, optional = base_type(f.type)
+            default = getattr(getattr(defaults, sec), name)
+            choices = f.metadata.get("choices")
+            meta = "{" + ",".join(str(c) for c in choices if c is not None) + "}" if choices else typ.__name__.upper()
+            group.add_argument(_flag(name), dest=name, default=argparse.SUPPRESS, metavar=meta,
+                               help=f"{f.metadata.get('help', '')} (default: {default})")
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any]]:
+    cfg = RunConfig.from_file(args.config) if getattr(args, "config", None) else RunConfig()
+    overrides = {k: v for k, v in vars(args).items() if k in field_index()}
+    return cfg, overrides
+
+
+# ---------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    from .progress import TrainProgress
+    from .train import train
+
+    cfg, overrides = config_from_args(args)
+    if args.resume is None:
+        cfg.update(overrides)
+        cfg.validate()
+    with TrainProgress(enabled=not args.no_progress) as prog:
+        summary = train(cfg if args.resume is None else None, out=args.out, resume=args.resume,
+                        overrides=overrides if args.resume else None, callbacks=(prog,),
+                        on_status=prog.status, on_step=prog.step)
+    summary.pop("_engine", None)
+    prog.print_summary(summary, args.out or args.resume)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import get_method, method_names
+
+    for name in method_names():
+        m = get_method(name)
+        print(f"{name:12s} {m.description} [protocol: {m.default_protocol}]")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from .data import dataset_names
+
+    print("\n".join(dataset_names()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpfpl", description="Differentially private federated prompt learning on CLIP")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one run into a run directory")
+    p.add_argument("--config", help="TOML or JSON config file (flags override it)")
+    p.add_argument("--out", default=None, help="run directory to write (default: runs/<method>-<dataset>-s<seed>)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live display")
+    add_config_options(p)
+    p.set_defaults(func=cmd_train)
+
+    sub.add_parser("methods", help="list the methods").set_defaults(func=cmd_methods)
+    sub.add_parser("datasets", help="list the dataset formats").set_defaults(func=cmd_datasets)
+    for mod in ("dpfpl.privacy.account_cli", "dpfpl.pretrain", "audits.cli", "bench.cli"):
+        try:
+            module = __import__(mod, fromlist=["add_parser"])
+        except ImportError as exc:
+            if exc.name and mod.startswith(exc.name):
+                continue  # that part of the suite is not installed in this checkout
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "command", None) == "train" and args.out is None and args.resume is None:
+        cfg, ov = config_from_args(args)
+        cfg.update(ov)
+        args.out = f"runs/{cfg.train.method}-{cfg.data.dataset}-s{cfg.train.seed}"
+    try:
+        return int(args.func(args) or 0)
+    except DpfplError as exc:
+        print(f"dpfpl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dpfpl: interrupted; the run directory holds the last finished round (use --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Clients and server: explicit per-client state, nothing shared but what the server sends.
+
+Each :class:`Client` owns its local prompt tensors, its own SGD optimiser (momentum buffers
+included), its batch sampler and its random generator (batches and factorisation). The
+:class:`Server` owns the global prompt p_G and its optimiser. Two aggregation protocols:
+
+- ``grad`` (the DP-FPL paper's loop): every local step, each sampled client computes G on its batch,
+  updates its local prompt, and sends its global-prompt gradient; the server averages the
+  contributions (the global DP mechanism adds its noise there) and takes one optimiser step.
+- ``fedavg``: each sampled client copies p_G, trains copy and local prompt for K steps with its own
+  optimisers, and sends the copy; the server averages the copies.
+
+Every release of a trained tensor passes through the ``privacy`` object (a
+:class:`dpfpl.privacy.mechanisms.Privacy`): ``privacy.local`` (local update), ``privacy.contribution``
+(client -> server), ``privacy.aggregate`` (server). This is where mechanisms and the accountant act.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .data.partition import ClientData
+from .features import FeatureStore
+from .grads import batch_ctx_grad, per_example_ctx_grads
+from .methods import Method
+from .sampling import BatchSampler
+from .text import PromptTextEncoder
+
+
+@dataclass
+class Contribution:
+    """What a client sends: a tensor (a gradient sum/mean, or a parameter copy) and its weight."""
+
+    client_id: int
+    tensor: torch.Tensor
+    weight: float
+    n_examples: int
+
+
+@dataclass
+class TrainSettings:
+    lr: float
+    momentum: float
+    weight_decay: float
+    batch_size: int
+    sampling: str
+    n_ctx: int
+
+
+def sgd(params: list[torch.Tensor], s: TrainSettings, lr: Optional[float] = None) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=s.lr if lr is None else lr, momentum=s.momentum, weight_decay=s.weight_decay)
+
+
+class Client:
+    def __init__(self, data: ClientData, method: Method, enc: PromptTextEncoder, store: FeatureStore,
+                 scale: float, settings: TrainSettings, privacy, seed: int):
+        self.id = data.client_id
+        self.data, self.method, self.enc, self.store = data, method, enc, store
+        self.scale, self.s, self.privacy = scale, settings, privacy
+        self.gen = torch.Generator().manual_seed(seed)
+        init_gen = torch.Generator().manual_seed(seed + 1)
+        self.local = {k: v.to(store.clip.device).requires_grad_(True)
+                      for k, v in method.init_local(settings.n_ctx, enc.width, init_gen).items()}
+        self.opt = sgd(list(self.local.values()), settings) if self.local else None
+        self.train_idx = torch.as_tensor(data.train_idx, dtype=torch.long)
+        self.sampler = BatchSampler(len(self.train_idx), settings.batch_size, settings.sampling, self.gen)
+        self.used = torch.zeros(len(self.train_idx), dtype=torch.bool)  # membership record
+        self.steps = 0
+        self.last_loss = float("nan")
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_idx)
+
+    # ------------------------------------------------------------------ training
+    def _batch(self):
+        local_idx = self.sampler.next()
+        self.used[local_idx] = True
+        return self.store.get("train", self.train_idx[local_idx])
+
+    def _grad(self, ctx: torch.Tensor, feats, labels) -> torch.Tensor:
+        """G (n_ctx, D) batch mean, or (B, n_ctx, D) per example when the privacy mode needs it."""
+        if self.privacy.per_example:
+            losses, G = per_example_ctx_grads(self.enc, ctx, feats, labels, self.scale)
+            self.last_loss = float(losses.mean()) if len(losses) else float("nan")
+            return G
+        self.last_loss, G = batch_ctx_grad(self.enc, ctx, feats, labels, self.scale)
+        return G
+
+    def _local_update(self, view, G: torch.Tensor) -> None:
+        grads = self.privacy.local(self, view.carrier_grads(G))  # noised mean carrier gradients
+        for name, g in view.param_grads(grads).items():
+            self.local[name].grad = g
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def step(self, p_G: torch.Tensor) -> Optional[Contribution]:
+        """One local step at the current global prompt; returns the global contribution (grad protocol)."""
+        feats, labels = self._batch()
+        view = self.method.local_view(self.local, self.gen, p_G)
+        ctx = (p_G.detach() if self.method.uses_global else 0) + view.context()  # (n_ctx, D)
+        G = self._grad(ctx, feats, labels)
+        if self.method.uses_local:
+            self._local_update(view, G)
+        self.steps += 1
+        if self.method.uses_global:
+            return self.privacy.contribution(self, G)
+        return None
+
+    def fedavg_round(self, p_G: torch.Tensor, steps: int) -> Contribution:
+        """K local steps on a private copy of p_G (fresh optimiser each round); returns the copy."""
+        copy = p_G.detach().clone().requires_grad_(True)
+        opt_g = sgd([copy], self.s)
+        for _ in range(steps):
+            feats, labels = self._batch()
+            view = self.method.local_view(self.local, self.gen, copy)
+            ctx = copy.detach() + view.context()
+            G = self._grad(ctx, feats, labels)
+            if self.method.uses_local:
+                self._local_update(view, G)
+            copy.grad = self.privacy.local_global(self, G)
+            opt_g.step()
+            opt_g.zero_grad(set_to_none=True)
+            self.steps += 1
+        return self.privacy.fedavg_contribution(self, p_G.detach(), copy.detach())
+
+    # ------------------------------------------------------------------ evaluation / state
+    def personal_context(self, p_G: torch.Tensor) -> torch.Tensor:
+        """The personalised context used at test time and released to the client's user (n_ctx, D)."""
+        with torch.no_grad():
+            base = p_G.detach() if self.method.uses_global else torch.zeros_like(p_G)
+            return base + self.method.local_context(self.local) if self.method.uses_local else base
+
+    def state_dict(self) -> dict:
+        return {
+            "local": {k: v.detach().clone() for k, v in self.local.items()},
+            "opt": self.opt.state_dict() if self.opt else None,
+            "gen": self.gen.get_state(),
+            "sampler": self.sampler.state_dict(),
+            "used": self.used.clone(),
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, s: dict) -> None:
+        with torch.no_grad():
+            for k, v in s["local"].items():
+                self.local[k].copy_(v)
+        if self.opt:
+            self.opt.load_state_dict(s["opt"])
+        self.gen.set_state(s["gen"])
+        self.sampler.load_state_dict(s["sampler"])
+        self.used = s["used"].clone()
+        self.steps = s["steps"]
+
+
+class Server:
+    """Holds the global prompt; samples clients; applies aggregated updates."""
+
+    def __init__(self, p_G: torch.Tensor, settings: TrainSettings, global_lr: float, n_clients: int,
+                 client_fraction: float, privacy, seed: int):
+        self.p_G = p_G.clone().requires_grad_(True)
+        self.opt = sgd([self.p_G], settings, lr=global_lr)
+        self.n_clients, self.fraction, self.privacy = n_clients, client_fraction, privacy
+        self.rng = np.random.default_rng(seed)
+
+    def sample_clients(self) -> list[int]:
+        m = max(1, int(round(self.fraction * self.n_clients)))
+        if m >= self.n_clients:
+            return list(range(self.n_clients))
+        return sorted(int(i) for i in self.rng.choice(self.n_clients, size=m, replace=False))
+
+    def apply_gradients(self, contribs: list[Contribution]) -> None:
+        self.p_G.grad = self.privacy.aggregate(contribs)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def apply_parameters(self, contribs: list[Contribution]) -> None:
+        with torch.no_grad():
+            self.p_G.copy_(self.privacy.aggregate_parameters(self.p_G.detach(), contribs))
+
+    def state_dict(self) -> dict:
+        return {"p_G": self.p_G.detach().clone(), "opt": self.opt.state_dict(), "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, s: dict) -> None:
+        with torch.no_grad():
+            self.p_G.copy_(s["p_G"])
+        self.opt.load_state_dict(s["opt"])
+        self.rng.bit_generator.state = s["rng"]

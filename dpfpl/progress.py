@@ -1,0 +1,77 @@
+"""Live progress for ``dpfpl train``: a rich display of rounds and steps with current accuracy,
+or one plain line per round when disabled (non-interactive logs)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+class TrainProgress:
+    """Engine callback + context manager."""
+
+    def __init__(self, enabled: bool = True, console: Optional[Console] = None):
+        self.console = console or Console(stderr=True)
+        self.enabled = enabled and self.console.is_terminal
+        self.progress: Optional[Progress] = None
+        self.rounds_task = self.steps_task = None
+
+    def __enter__(self) -> "TrainProgress":
+        if self.enabled:
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress:
+            self.progress.stop()
+
+    def status(self, msg: str) -> None:
+        if self.progress:
+            self.progress.console.log(msg)
+        else:
+            print(f"[dpfpl] {msg}", file=sys.stderr)
+
+    def step(self, done: int, total: int) -> None:
+        if not self.progress:
+            return
+        if self.steps_task is None:
+            self.steps_task = self.progress.add_task("  steps", total=total)
+        self.progress.update(self.steps_task, completed=done, total=total)
+
+    def on_round_end(self, engine, row: dict[str, Any]) -> None:
+        total = engine.total_rounds
+        acc = f"local {_fmt(row.get('local_acc'))} neigh {_fmt(row.get('neighbor_acc'))}" if "local_acc" in row else ""
+        eps = f" eps {row['epsilon_spent']:.3g}" if row.get("epsilon_spent") is not None else ""
+        if self.progress:
+            if self.rounds_task is None:
+                self.rounds_task = self.progress.add_task("rounds", total=max(total, 1))
+            self.progress.update(self.rounds_task, completed=row["round"], description=f"rounds  {acc}{eps}")
+        else:
+            print(f"[dpfpl] round {row['round']}/{total} loss {row.get('train_loss', float('nan')):.3f} {acc}{eps}",
+                  file=sys.stderr)
+
+    def print_summary(self, s: dict[str, Any], run_dir) -> None:
+        t = Table(title=f"{s['method']} on {s['dataset']} ({s['rounds']} rounds, {s['wall_s']:.1f} s)")
+        t.add_column("metric")
+        t.add_column("value", justify="right")
+        t.add_row("local accuracy", _fmt(s.get("local_acc")))
+        t.add_row("neighbour accuracy", _fmt(s.get("neighbor_acc")))
+        t.add_row("zero-shot local / neighbour", f"{_fmt(s.get('zeroshot_local_acc'))} / {_fmt(s.get('zeroshot_neighbor_acc'))}")
+        if s.get("epsilon_spent") is not None:
+            t.add_row("epsilon spent (RDP)", f"{s['epsilon_spent']:.4g}")
+        if s.get("epsilon_claimed") is not None:
+            t.add_row("epsilon claimed (reference rule)", f"{s['epsilon_claimed']:.4g}")
+        if s.get("stopped_reason"):
+            t.add_row("stopped", str(s["stopped_reason"]))
+        t.add_row("run directory", str(run_dir))
+        Console().print(t)

@@ -1,0 +1,121 @@
+"""The CoOp text path: learnable context vectors fed through open_clip's frozen text tower.
+
+For class c the token sequence is ``[SOT] X_1 .. X_n {classname} . [EOT] pad..``; the embeddings of
+the n placeholder tokens are replaced by the context ``ctx`` (n_ctx, D). The rest of the tower is
+open_clip's own modules (positional embedding, causal transformer, final LayerNorm, pooling at the
+end-of-text token, projection), so with ``ctx`` set to the token embeddings of a fixed phrase the
+output equals ``model.encode_text`` of that phrase (tested).
+
+Text cut: CLIP's text transformer is causal and the feature is read at the end-of-text (EOT)
+position, so positions after the last EOT of all classes cannot change any feature. With
+``cut=True`` the sequence is truncated to ``max(eot) + 1`` tokens (e.g. 77 -> ~22), which is exact
+and much cheaper. The cut is refused for towers without a causal mask.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .clip import FrozenClip
+from .errors import ConfigError
+
+PLACEHOLDER = "X"
+
+
+def text_tower(model: nn.Module) -> nn.Module:
+    """The module holding token_embedding/positional_embedding/transformer/ln_final."""
+    tower = model.text if hasattr(model, "text") and hasattr(model.text, "token_embedding") else model
+    for attr in ("token_embedding", "positional_embedding", "transformer", "ln_final"):
+        if not hasattr(tower, attr):
+            raise ConfigError(f"text tower of {type(model).__name__} has no {attr}: not a CLIP-style text transformer")
+    if getattr(tower, "cls_emb", None) is not None:
+        raise ConfigError(f"{type(model).__name__}: text towers with a CLS embedding are not supported")
+    return tower
+
+
+def pool_positions(tower: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """(C,) index of the pooled token, as open_clip's ``text_global_pool`` picks it."""
+    pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
+    if pool == "argmax":
+        return tokens.argmax(dim=-1)
+    if pool == "eos":
+        eos = getattr(tower, "text_eos_id", None) or getattr(tower, "eos_id", None)
+        return (tokens == eos).int().argmax(dim=-1)
+    if pool == "last":
+        return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long)
+    raise ConfigError(f"text pooling {pool!r} is not supported by the prompt learner")
+
+
+class PromptTextEncoder(nn.Module):
+    """Maps a context tensor to L2-normalised class text features.
+
+    forward(ctx): ctx (n_ctx, D) shared by all classes, or (C, n_ctx, D) -> features (C, E).
+    All weights are frozen buffers/modules of the CLIP model; only ``ctx`` carries gradients.
+    """
+
+    def __init__(self, clip: FrozenClip, classnames: Sequence[str], n_ctx: int, cut: bool = True):
+        super().__init__()
+        self.tower = text_tower(clip.model)
+        self.n_ctx = n_ctx
+        self.classnames = list(classnames)
+        prompts = [" ".join([PLACEHOLDER] * n_ctx) + " " + name + "." for name in self.classnames]
+        tokens = clip.tokenizer(prompts).to(clip.device)  # (C, 77)
+        ctx_len = tokens.shape[1]
+        if tokens[:, -1].ne(0).any():
+            raise ConfigError(f"n_ctx={n_ctx} plus a class name exceeds the {ctx_len}-token text context")
+        pos = pool_positions(self.tower, tokens)  # (C,)
+        mask = getattr(self.tower, "attn_mask", None)
+        causal = mask is not None and bool(torch.isinf(mask[0, 1:]).all())
+        self.cut = bool(cut and causal)
+        if cut and not causal:
+            raise ConfigError("cut_text=True needs a causal text transformer; pass --cut-text false")
+        length = int(pos.max()) + 1 if self.cut else ctx_len
+        tokens = tokens[:, :length]  # (C, L)
+        with torch.no_grad():
+            emb = self.tower.token_embedding(tokens)  # (C, L, D)
+        self.register_buffer("prefix", emb[:, :1].clone(), persistent=False)  # (C, 1, D)  SOT
+        self.register_buffer("suffix", emb[:, 1 + n_ctx:].clone(), persistent=False)  # (C, L-1-n, D)
+        self.register_buffer("pool_pos", pos, persistent=False)  # (C,)
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("attn_mask", mask[:length, :length].clone() if mask is not None else None,
+                             persistent=False)
+        self.length = length
+        self.width = emb.shape[-1]
+
+    @property
+    def n_classes(self) -> int:
+        return self.prefix.shape[0]
+
+    def placeholder_embedding(self) -> torch.Tensor:
+        """The token embeddings the placeholders had: (n_ctx, D)."""
+        with torch.no_grad():
+            return self.tower.token_embedding(self.tokens[0, 1:1 + self.n_ctx])
+
+    def forward(self, ctx: torch.Tensor) -> torch.Tensor:
+        C = self.n_classes
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0).expand(C, -1, -1)  # (C, n_ctx, D)
+        x = torch.cat([self.prefix, ctx.to(self.prefix.dtype), self.suffix], dim=1)  # (C, L, D)
+        x = x + self.tower.positional_embedding[: self.length]
+        x = self.tower.transformer(x, attn_mask=self.attn_mask)
+        x = self.tower.ln_final(x)  # (C, L, D)
+        x = x[torch.arange(C, device=x.device), self.pool_pos]  # (C, D)
+        proj = getattr(self.tower, "text_projection", None)
+        if proj is not None:
+            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj  # (C, E)
+        return F.normalize(x, dim=-1)
+
+
+def template_features(clip: FrozenClip, classnames: Sequence[str], template: str = "a photo of a {}.") -> torch.Tensor:
+    """Zero-shot class features from a hand-written template: (C, E), L2-normalised."""
+    tokens = clip.tokenizer([template.format(c) for c in classnames]).to(clip.device)
+    with torch.no_grad():
+        return F.normalize(clip.model.encode_text(tokens), dim=-1)
+
+
+def logit_scale(clip: FrozenClip) -> float:
+    return float(clip.model.logit_scale.exp())

@@ -1,0 +1,66 @@
+"""Train one run into a run directory (what ``dpfpl train`` does), with resume."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .config import RunConfig
+from .engine import Engine
+from .errors import ConfigError
+from .rundir import RunDir
+
+
+def summarize(engine: Engine, wall_s: float) -> dict[str, Any]:
+    final = engine.final_metrics()
+    cfg = engine.cfg
+    steps = sum(c.steps for c in engine.clients)
+    return {
+        "method": cfg.train.method, "dataset": cfg.data.dataset, "rounds": engine.round if engine.method.trainable
+        else 0, "rounds_planned": cfg.train.rounds, "seed": cfg.train.seed, "protocol": engine.protocol,
+        "num_clients": cfg.data.num_clients, "local_steps": engine.local_steps,
+        "local_acc": final.get("local_acc"), "neighbor_acc": final.get("neighbor_acc"),
+        "local_acc_per_client": final.get("local_acc_per_client"),
+        "neighbor_acc_per_client": final.get("neighbor_acc_per_client"),
+        "zeroshot_local_acc": engine.zeroshot["local_acc"], "zeroshot_neighbor_acc": engine.zeroshot["neighbor_acc"],
+        "client_steps": steps, "wall_s": wall_s, "train_s": sum(r.get("train_s", 0.0) for r in engine.history),
+        "stopped_reason": engine.stopped_reason, "model": cfg.model.model, "pretrained": cfg.model.pretrained,
+        **engine.privacy.summary(),
+    }
+
+
+def train(cfg: Optional[RunConfig] = None, out: Optional[str | Path] = None, resume: Optional[str | Path] = None,
+          overrides: Optional[dict[str, Any]] = None, callbacks: tuple = (),
+          on_status: Optional[Callable[[str], None]] = None,
+          on_step: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
+    """Run (or resume) training; returns the summary. ``out``/``resume`` name the run directory."""
+    t0 = time.perf_counter()
+    if resume is not None:
+        rd = RunDir(resume)
+        cfg = rd.load_config()
+        if overrides:
+            extra = set(overrides) - {"rounds"}
+            if extra:
+                raise ConfigError(f"--resume continues the saved config; only --rounds may change (got {sorted(extra)})")
+            cfg.update(overrides)
+        state = rd.load_checkpoint()
+    else:
+        cfg = cfg or RunConfig()
+        if overrides:
+            cfg.update(overrides)
+        cfg.validate()
+        rd = RunDir(out) if out is not None else None
+        state = None
+        if rd is not None:
+            rd.start(cfg)
+    engine = Engine(cfg, on_status=on_status)
+    if state is not None:
+        engine.load_state_dict(state)
+    cbs = ((rd,) if rd is not None else ()) + tuple(callbacks)
+    engine.run(cbs, on_step=on_step)
+    summary = summarize(engine, time.perf_counter() - t0)
+    if rd is not None:
+        rd.finish(engine, summary)
+    summary["_engine"] = engine
+    return summary
