@@ -1,0 +1,259 @@
+"""Accounting: anchors (shared/reference/anchors.md), calibration, ledger, reference mode, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+from dp_accounting import dp_event
+
+from dpfpl.errors import BudgetExhausted, ConfigError
+from dpfpl.privacy import (PrivacyLedger, calibrate_noise_multiplier, calibrate_split, epsilon,
+                           event_from_dict, event_to_dict, make_event, pld_epsilon, rdp_epsilon,
+                           reference_accounted_events, reference_claimed_epsilon,
+                           reference_epsilons, reference_noise_multiplier, reference_sigma)
+from dpfpl.privacy import account_cli
+
+DELTA = 1e-5
+
+# (q, sigma, T, RDP eps, PLD eps or None)
+ANCHORS = [
+    (0.01, 1.1, 1000, 1.7118, 1.5154),
+    (0.04, 1.5, 2250, 7.329, 6.77),
+    (256 / 60000, 1.1, 14062, 2.597, 2.382),
+    (1.0, 339.3, 100, 0.100, None),
+]
+
+
+# ------------------------------------------------------------------------------- anchors
+
+@pytest.mark.parametrize("q,sigma,steps,rdp,pld", ANCHORS)
+def test_rdp_anchor(q, sigma, steps, rdp, pld):
+    assert rdp_epsilon([(make_event(sigma, q), steps)], DELTA) == pytest.approx(rdp, rel=1e-3)
+
+
+@pytest.mark.parametrize("q,sigma,steps,rdp,pld", [a for a in ANCHORS if a[4] is not None])
+def test_pld_anchor(q, sigma, steps, rdp, pld):
+    rel = 1e-2 if pld == 6.77 else 1e-3  # 6.77 is pinned to 3 digits only
+    assert pld_epsilon([(make_event(sigma, q), steps)], DELTA) == pytest.approx(pld, rel=rel)
+
+
+def test_events_and_validation():
+    assert make_event(1.0, 0.1) == dp_event.PoissonSampledDpEvent(0.1, dp_event.GaussianDpEvent(1.0))
+    assert make_event(1.0, 1.0) == dp_event.GaussianDpEvent(1.0)
+    assert make_event(1.0, 0.1, "shuffle") == dp_event.GaussianDpEvent(1.0)  # no amplification
+    assert math.isinf(rdp_epsilon([(make_event(0.0), 1)], DELTA))
+    assert epsilon([], DELTA) == 0.0
+    for bad in [dict(noise_multiplier=-1), dict(noise_multiplier=1, sampling_rate=0),
+                dict(noise_multiplier=1, sampling_rate=1.5), dict(noise_multiplier=1, sampling="x")]:
+        with pytest.raises(ConfigError):
+            make_event(**bad)
+    with pytest.raises(ConfigError):
+        rdp_epsilon([(make_event(1.0), 1)], 1.0)
+    ev = make_event(1.3, 0.02)
+    assert event_from_dict(json.loads(json.dumps(event_to_dict(ev)))) == ev
+
+
+# ------------------------------------------------------------------------------- calibration
+
+@pytest.mark.parametrize("eps,q,steps", [(1.0, 0.01, 1000), (0.1, 1.0, 100), (8.0, 256 / 60000, 14062)])
+def test_calibration_round_trip_rdp(eps, q, steps):
+    sigma = calibrate_noise_multiplier(eps, DELTA, q, steps)
+    got = rdp_epsilon([(make_event(sigma, q), steps)], DELTA)
+    assert 0.99 * eps <= got <= eps
+
+
+def test_calibration_round_trip_pld():
+    sigma = calibrate_noise_multiplier(1.0, DELTA, 0.01, 1000, accountant="pld")
+    got = pld_epsilon([(make_event(sigma, 0.01), 1000)], DELTA)
+    assert 0.99 <= got <= 1.0
+    assert sigma < calibrate_noise_multiplier(1.0, DELTA, 0.01, 1000)  # PLD is tighter
+
+
+@pytest.mark.parametrize("kw", [dict(target_epsilon=0), dict(target_epsilon=-1), dict(delta=0),
+                                dict(delta=1), dict(steps=0), dict(sampling_rate=0),
+                                dict(sampling_rate=1.2), dict(target_epsilon=1e-13),
+                                dict(target_epsilon=1e12)])
+def test_calibration_errors(kw):
+    args = dict(target_epsilon=1.0, delta=DELTA, sampling_rate=1.0, steps=1) | kw
+    with pytest.raises(ConfigError):
+        calibrate_noise_multiplier(**args)
+
+
+def test_calibrate_split():
+    kw = dict(local_sampling_rate=0.05, local_steps=500, global_sampling_rate=0.05,
+              global_steps=500, local_releases_per_step=2)
+    sl, sg = calibrate_split(2.0, DELTA, budget_split=0.5, **kw)
+    comp = [(make_event(sl, 0.05), 1000), (make_event(sg, 0.05), 500)]
+    assert 0.99 * 2.0 <= rdp_epsilon(comp, DELTA) <= 2.0
+    local_alone = rdp_epsilon(comp[:1], DELTA)
+    global_alone = rdp_epsilon(comp[1:], DELTA)
+    assert local_alone == pytest.approx(global_alone, rel=2e-3)  # equal shares of the split
+    sl2, sg2 = calibrate_split(2.0, DELTA, budget_split=0.8, **kw)
+    assert sl2 < sl and sg2 > sg  # more budget to local: less local noise
+    none_local = calibrate_split(1.0, DELTA, **(kw | dict(local_steps=0)))
+    assert none_local[0] is None and none_local[1] > 0
+    with pytest.raises(ConfigError):
+        calibrate_split(1.0, DELTA, budget_split=1.0, **kw)
+
+
+# ------------------------------------------------------------------------------- ledger
+
+def test_ledger_merging_and_counting():
+    led = PrivacyLedger()
+    ev = make_event(1.1, 0.01)
+    for step in range(1000):
+        led.record("client0/local", ev, round=step // 100)
+    assert len(led.entries("client0/local")) == 1 and led.count("client0/local") == 1000
+    led.record("client0/local", {"noise_multiplier": 2.0, "sampling_rate": 0.01}, count=5)
+    led.record("client0/local", ev, count=10)
+    assert len(led.entries("client0/local")) == 3 and led.count() == 1015
+    led.record("client0/local", ev, count=0)
+    assert led.count() == 1015
+    led2 = PrivacyLedger()
+    led2.record("client0/local", ev, count=1000)
+    assert led2.rdp_epsilon("client0/local", DELTA) == pytest.approx(1.7118, rel=1e-3)
+    with pytest.raises(ConfigError):
+        led.record("client0/personalized", ev)
+    with pytest.raises(ConfigError):
+        led.record("client0/local", ev, count=-1)
+
+
+def _demo_ledger() -> PrivacyLedger:
+    led = PrivacyLedger()
+    for r in range(3):
+        for i in range(3):
+            led.record(f"client{i}/local", make_event(1.0 + i, 0.02), count=2 * 10, round=r)
+            led.record(f"client{i}/global", make_event(1.5, 0.02 * (i + 1)), count=10, round=r)
+        led.close_round(r, DELTA)
+    return led
+
+
+def test_views_and_history():
+    led = _demo_ledger()
+    row = led.history[-1]["epsilon"]
+    for i in range(3):
+        pers = row[f"client{i}/personalized"]
+        assert pers >= row[f"client{i}/local"] and pers >= row[f"client{i}/global"]
+        assert pers <= row[f"client{i}/local"] + row[f"client{i}/global"]
+        assert pers == pytest.approx(led.rdp_epsilon([f"client{i}/local", f"client{i}/global"], DELTA))
+    assert row["global"] == max(row[f"client{i}/global"] for i in range(3)) == row["client2/global"]
+    curve = [h["epsilon"]["client0/personalized"] for h in led.history]
+    assert curve == sorted(curve) and len(set(curve)) == 3
+
+
+def test_state_dict_round_trip():
+    led = _demo_ledger()
+    text = led.to_json()
+    back = PrivacyLedger.from_json(text)
+    assert back.count() == led.count() and back.history == led.history
+    for s in led.subjects:
+        assert back.rdp_epsilon(s, DELTA) == led.rdp_epsilon(s, DELTA)
+        assert back.entries(s) == led.entries(s)
+    back.record("client0/local", make_event(1.0, 0.02), count=20)  # resumed run keeps spending
+    assert back.rdp_epsilon("client0/local", DELTA) > led.rdp_epsilon("client0/local", DELTA)
+    assert len(back.entries("client0/local")) == 1  # merged with the restored run
+
+
+def test_would_exceed():
+    steps, q, eps = 200, 0.05, 1.0
+    sigma = calibrate_noise_multiplier(eps, DELTA, q, steps)
+    led = PrivacyLedger()
+    ev = make_event(sigma, q)
+    for _ in range(steps - 1):
+        led.record("client0/local", ev)
+    assert not led.would_exceed("client0/local", [(ev, 1)], eps, DELTA)
+    led.record("client0/local", ev)
+    assert led.would_exceed("client0/local", ev, eps, DELTA)
+    assert led.would_exceed(["client0/local", "client0/global"], [(make_event(5.0), 1)], eps, DELTA)
+    with pytest.raises(BudgetExhausted):
+        led.check_budget("client0/local", ev, eps, DELTA)
+
+
+# ------------------------------------------------------------------------------- reference mode
+
+PAPER = dict(rounds=100, delta=DELTA, batch_size=32, steps_per_round=10, n_clients=10)
+
+
+def test_reference_claim_is_public_formula():
+    for eps in (0.4, 0.2, 0.1, 0.05, 0.01):
+        sigma = reference_sigma(eps, 100, DELTA)
+        assert sigma == pytest.approx(math.sqrt(100 * math.log(1 / DELTA)) / eps)
+        assert reference_claimed_epsilon(sigma, 100, DELTA) == pytest.approx(eps)
+    assert reference_noise_multiplier(64.0, 32) == pytest.approx(1.0)  # sigma / (2B)
+    ev = reference_accounted_events(10.0, **{k: PAPER[k] for k in
+                                             ("batch_size", "steps_per_round", "rounds", "n_clients")})
+    assert sum(n for _, n in ev["local"]) == 2 * 100 * 10  # u and v, every step of every round
+    assert sum(n for _, n in ev["global"]) == 100 * 10
+
+
+@pytest.mark.parametrize("eps", [0.4, 0.2, 0.1, 0.05, 0.01])
+def test_reference_accounted_exceeds_claim(eps):
+    claimed, accounted = reference_epsilons(eps, **PAPER)
+    assert claimed == pytest.approx(eps)
+    assert accounted > 10 * claimed
+    # even with the optimistic sensitivity C, only the global view
+    _, glob = reference_epsilons(eps, view="global", sensitivity_factor=1.0, **PAPER)
+    assert glob > claimed
+
+
+def test_reference_pld_also_exceeds():
+    claimed, accounted = reference_epsilons(0.1, accountant="pld", **PAPER)
+    assert accounted > claimed and accounted <= reference_epsilons(0.1, **PAPER)[1]
+
+
+# ------------------------------------------------------------------------------- CLI
+
+def _cli(argv, capsys):
+    parser = argparse.ArgumentParser(prog="dpfpl")
+    account_cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["account", *argv])
+    rc = args.func(args)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_json(capsys):
+    rc, out, _ = _cli(["--noise-multiplier", "1.1", "--sampling-rate", "0.01", "--steps", "1000",
+                       "--json"], capsys)
+    d = json.loads(out)
+    assert rc == 0 and d["steps"] == 1000 and d["noise_multiplier"] == 1.1
+    assert d["rdp_epsilon"] == pytest.approx(1.7118, rel=1e-3)
+    assert d["pld_epsilon"] == pytest.approx(1.5154, rel=1e-3)
+
+
+def test_cli_calibrate_and_per_round(capsys):
+    rc, out, _ = _cli(["--calibrate", "--epsilon", "0.5", "--steps-per-round", "10", "--rounds", "5",
+                       "--per-round", "--json"], capsys)
+    d = json.loads(out)
+    assert rc == 0 and d["steps"] == 50 and 0.495 <= d["rdp_epsilon"] <= 0.5
+    assert len(d["per_round"]) == 5 and d["per_round"][-1]["rdp_epsilon"] == d["rdp_epsilon"]
+
+
+def test_cli_reference(capsys):
+    rc, out, _ = _cli(["--reference", "--epsilon", "0.4", "--rounds", "100", "--batch-size", "32",
+                       "--steps-per-round", "10", "--clients", "10", "--json"], capsys)
+    d = json.loads(out)
+    assert rc == 0 and d["claimed_epsilon"] == pytest.approx(0.4)
+    assert d["accounted_epsilon"] > d["claimed_epsilon"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["--calibrate", "--epsilon", "0", "--steps", "5"],
+    ["--noise-multiplier", "1", "--steps", "5", "--delta", "1"],
+    ["--noise-multiplier", "1", "--steps", "0"],
+    ["--noise-multiplier", "1", "--steps", "5", "--sampling-rate", "1.5"],
+    ["--noise-multiplier", "-1", "--steps", "5"],
+    ["--steps", "5"],
+])
+def test_cli_bad_input(argv, capsys):
+    rc, out, err = _cli(argv, capsys)
+    assert rc != 0 and out == "" and err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_cli_delta_warning(capsys):
+    rc, out, err = _cli(["--noise-multiplier", "1", "--steps", "1", "--delta", "0.01",
+                         "--dataset-size", "1000", "--json"], capsys)
+    assert rc == 0 and "warning" in err and json.loads(out)["delta"] == 0.01

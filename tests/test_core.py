@@ -1,0 +1,106 @@
+"""Text path, factorisation, gradient reconstruction, per-example gradients, client isolation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dpfpl import lowrank
+from dpfpl.engine import Engine
+from dpfpl.grads import batch_ctx_grad, per_example_ctx_grads
+from dpfpl.text import PromptTextEncoder
+
+from .conftest import CLASSNAMES
+
+
+@pytest.mark.parametrize("cut", [True, False])
+def test_text_path_equals_encode_text(tiny_clip, cut):
+    """Context = token embeddings of "a photo of a" reproduces encode_text of the full phrase."""
+    enc = PromptTextEncoder(tiny_clip, CLASSNAMES, n_ctx=4, cut=cut)
+    phrase_tokens = tiny_clip.tokenizer(["a photo of a"])[0, 1:5]
+    ctx = enc.tower.token_embedding(phrase_tokens)  # (4, D)
+    ours = enc(ctx)
+    ref = F.normalize(tiny_clip.model.encode_text(tiny_clip.tokenizer([f"a photo of a {c}." for c in CLASSNAMES])), dim=-1)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert enc.length == (int(tiny_clip.tokenizer([f"X X X X {c}." for c in CLASSNAMES]).argmax(-1).max()) + 1 if cut else 77)
+
+
+def test_cut_shortens_sequence(tiny_clip):
+    assert PromptTextEncoder(tiny_clip, CLASSNAMES, n_ctx=16, cut=True).length < 30
+
+
+def test_factorisation_invariants():
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(16, 64, generator=g) * 0.02
+    for k in (1, 4, 8, 16):
+        u, v, r = lowrank.power_factorize(p, k, g)
+        assert u.shape == (16, k) and v.shape == (64, k)
+        assert torch.allclose(u.T @ u, torch.eye(k), atol=1e-5)
+        assert torch.allclose(v.T @ v, torch.eye(k), atol=1e-5)
+        assert torch.allclose(u @ v.T + r, p, atol=1e-7)
+    with pytest.raises(ValueError, match="rank"):
+        lowrank.power_factorize(p, 17, g)
+
+
+def test_gradient_reconstruction_matches_autograd_projection(tiny_clip):
+    """Carrier grads from G equal autograd's grads of u, v; the rebuilt gradient is the tangent
+    projection u u^T G + G v v^T - u u^T G v v^T (paper Eq. 4 with the right sign, no /10)."""
+    torch.manual_seed(0)
+    enc = PromptTextEncoder(tiny_clip, CLASSNAMES, n_ctx=4)
+    p_G, p_L = torch.randn(4, enc.width) * 0.02, torch.randn(4, enc.width) * 0.02
+    u0, v0, r = lowrank.power_factorize(p_L, 2, torch.Generator().manual_seed(1))
+    u, v = u0.clone().requires_grad_(True), v0.clone().requires_grad_(True)
+    feats = F.normalize(torch.randn(6, 64), dim=-1)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    loss = F.cross_entropy(50 * feats @ enc(p_G + u @ v.T + r).T, labels)
+    gu_auto, gv_auto = torch.autograd.grad(loss, (u, v))
+    _, G = batch_ctx_grad(enc, p_G + p_L, feats, labels, 50.0)
+    gu, gv = lowrank.carrier_grads(G, u0, v0)
+    assert torch.allclose(gu, gu_auto, rtol=1e-4, atol=1e-7) and torch.allclose(gv, gv_auto, rtol=1e-4, atol=1e-7)
+    rebuilt = lowrank.rebuild_grad(gu, gv, u0, v0)
+    assert torch.allclose(rebuilt, lowrank.tangent_projection(G, u0, v0), atol=1e-7)
+    # a projection: idempotent, and removes the part of G outside the tangent space
+    assert torch.allclose(lowrank.tangent_projection(rebuilt, u0, v0), rebuilt, atol=1e-7)
+    wrong = gu @ v0.T + u0 @ gv.T + u0 @ (u0.T @ gu) @ v0.T  # the public code's sign
+    assert not torch.allclose(wrong, rebuilt, atol=1e-6)
+
+
+def test_per_example_gradients_match_loop(tiny_clip):
+    torch.manual_seed(0)
+    enc = PromptTextEncoder(tiny_clip, CLASSNAMES, n_ctx=4)
+    ctx = torch.randn(4, enc.width) * 0.02
+    feats = F.normalize(torch.randn(5, 64), dim=-1)
+    labels = torch.tensor([0, 3, 3, 7, 1])
+    losses, G = per_example_ctx_grads(enc, ctx, feats, labels, 30.0)
+    loop = torch.stack([batch_ctx_grad(enc, ctx, feats[i:i + 1], labels[i:i + 1], 30.0)[1] for i in range(5)])
+    assert G.shape == (5, 4, enc.width)
+    assert (G - loop).norm() / loop.norm() < 1e-4
+    _, Gm = batch_ctx_grad(enc, ctx, feats, labels, 30.0)
+    assert (G.mean(0) - Gm).norm() / Gm.norm() < 1e-5
+
+
+def test_nores_truncates_local_prompt_to_rank_k(tiny_clip, tiny_dataset, make_cfg):
+    e = Engine(make_cfg(method="dpfpl-nores", rounds=1, local_steps=1), clip=tiny_clip, dataset=tiny_dataset)
+    c = e.clients[0]
+    view = e.method.local_view(c.local, c.gen, e.server.p_G)
+    assert torch.linalg.matrix_rank(c.local["p_L"].detach(), atol=1e-6) == 2
+    assert torch.allclose(view.u @ view.v.T + (c.local["p_L"] - view.u @ view.v.T), c.local["p_L"])
+
+
+def test_clients_never_share_state(tiny_clip, tiny_dataset, make_cfg):
+    """A step of client 0 leaves client 1's prompts, momentum and generator untouched, and no
+    tensor or optimiser is shared between clients."""
+    e = Engine(make_cfg(method="fedotp", momentum=0.9), clip=tiny_clip, dataset=tiny_dataset)
+    a, b = e.clients
+    assert a.opt is not b.opt and a.local["p_L"].data_ptr() != b.local["p_L"].data_ptr()
+    b.step(e.server.p_G)
+    before = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in b.state_dict().items() if k != "opt"}
+    mom_before = b.opt.state_dict()["state"][0]["momentum_buffer"].clone()
+    for _ in range(3):
+        a.step(e.server.p_G)
+    after = b.state_dict()
+    assert torch.equal(after["local"]["p_L"], before["local"]["p_L"])
+    assert torch.equal(after["gen"], before["gen"])
+    assert torch.equal(b.opt.state_dict()["state"][0]["momentum_buffer"], mom_before)
+    assert not torch.equal(a.opt.state_dict()["state"][0]["momentum_buffer"], mom_before)
