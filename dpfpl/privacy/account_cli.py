@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = compute(args)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"dpfpl: error: {err}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(_jsonable(out)))

@@ -240,15 +240,35 @@ def rdp_epsilon(events: Composition, delta: float) -> float:
 
 
 def pld_epsilon(events: Composition, delta: float,
-                value_discretization_interval: float = PLD_DISCRETIZATION) -> float:
-    """Epsilon at ``delta`` by dp_accounting's PLD accountant (pessimistic discretisation)."""
+                value_discretization_interval: Optional[float] = None) -> float:
+    """Epsilon at ``delta`` by dp_accounting's PLD accountant (pessimistic discretisation).
+
+    Plain Gaussian events (q = 1) are first merged into ONE Gaussian with
+    1/sigma^2 = sum_i n_i / sigma_i^2 (the exact composition of Gaussian mechanisms, which is
+    what the accountant does for ``count``). Interval: :data:`PLD_DISCRETIZATION` (1e-4) when
+    subsampled events are present; for a single Gaussian (one discretisation, no composition
+    error) 1e-5 x its RDP eps, clamped to [1e-4, 1e-2]: < 1e-5 relative error, fast at large eps.
+    """
     delta = _check_delta(delta)
     groups = _group(_as_composition(events))
     if not groups:
         return 0.0
-    acc = PLDAccountant(value_discretization_interval=value_discretization_interval)
+    inv_var, others = 0.0, []
     for key in sorted(groups):
         ev, n = groups[key]
+        if isinstance(ev, dp_event.GaussianDpEvent) and ev.noise_multiplier > 0:
+            inv_var += n / ev.noise_multiplier ** 2
+        else:
+            others.append((ev, n))
+    if inv_var > 0:
+        others.append((dp_event.GaussianDpEvent(1 / math.sqrt(inv_var)), 1))
+    if value_discretization_interval is None:
+        only_gaussian = len(others) == 1 and isinstance(others[0][0], dp_event.GaussianDpEvent)
+        value_discretization_interval = PLD_DISCRETIZATION
+        if only_gaussian:  # one PLD, no composition error: scale the grid with eps (RDP bound)
+            value_discretization_interval = min(max(1e-5 * rdp_epsilon(others, delta), 1e-4), 1e-2)
+    acc = PLDAccountant(value_discretization_interval=value_discretization_interval)
+    for ev, n in others:
         if not acc.supports(ev):
             raise ConfigError(f"the PLD accountant does not support {ev}")
         acc.compose(ev, n)
