@@ -23,6 +23,7 @@ from .clip import FrozenClip, load_clip
 from .config import RunConfig
 from .data import load_dataset, partition
 from .data.base import Dataset
+from .data.partition import ClientData
 from .errors import ConfigError
 from .features import FeatureStore
 from .federation import Client, Server, TrainSettings
@@ -47,7 +48,10 @@ def build_privacy(cfg: RunConfig, engine: "Engine"):
 
 class Engine:
     def __init__(self, cfg: RunConfig, clip: Optional[FrozenClip] = None, dataset: Optional[Dataset] = None,
-                 on_status: Optional[Callable[[str], None]] = None):
+                 on_status: Optional[Callable[[str], None]] = None,
+                 clients_data: Optional[list[ClientData]] = None):
+        """``clip``/``dataset`` skip loading (tests, audits reuse them); ``clients_data`` replaces
+        the configured partition (audits train shadow models on chosen subsets)."""
         self.cfg = cfg.validate()
         t, d = cfg.train, cfg.data
         status = on_status or (lambda msg: None)
@@ -57,8 +61,12 @@ class Engine:
             self.protocol = "grad"  # nothing to average
         status("loading dataset")
         self.dataset = dataset if dataset is not None else load_dataset(d.dataset, d.root, seed=t.seed)
-        self.clients_data = partition(self.dataset, d.num_clients, d.partition, seed=t.seed,
-                                      beta=d.dirichlet_beta, shots=d.shots)
+        if clients_data is None:
+            clients_data = partition(self.dataset, d.num_clients, d.partition, seed=t.seed,
+                                     beta=d.dirichlet_beta, shots=d.shots)
+        elif len(clients_data) != d.num_clients:
+            raise ConfigError(f"data.num_clients={d.num_clients} but {len(clients_data)} client partitions were given")
+        self.clients_data = clients_data
         status("loading model")
         self.clip = clip if clip is not None else load_clip(cfg.model.model, cfg.model.pretrained, cfg.model.device)
         self.enc = PromptTextEncoder(self.clip, self.dataset.classnames, t.n_ctx, cut=t.cut_text)

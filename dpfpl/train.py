@@ -33,8 +33,11 @@ def summarize(engine: Engine, wall_s: float) -> dict[str, Any]:
 def train(cfg: Optional[RunConfig] = None, out: Optional[str | Path] = None, resume: Optional[str | Path] = None,
           overrides: Optional[dict[str, Any]] = None, callbacks: tuple = (),
           on_status: Optional[Callable[[str], None]] = None,
-          on_step: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
-    """Run (or resume) training; returns the summary. ``out``/``resume`` name the run directory."""
+          on_step: Optional[Callable[[int, int], None]] = None, **engine_kwargs: Any) -> dict[str, Any]:
+    """Run (or resume) training; returns the summary (its ``_engine`` key holds the Engine).
+
+    ``out``/``resume`` name the run directory; ``engine_kwargs`` (clip, dataset, clients_data) go to
+    :class:`~dpfpl.engine.Engine`."""
     t0 = time.perf_counter()
     if resume is not None:
         rd = RunDir(resume)
@@ -54,7 +57,7 @@ def train(cfg: Optional[RunConfig] = None, out: Optional[str | Path] = None, res
         state = None
         if rd is not None:
             rd.start(cfg)
-    engine = Engine(cfg, on_status=on_status)
+    engine = Engine(cfg, on_status=on_status, **engine_kwargs)
     if state is not None:
         engine.load_state_dict(state)
     cbs = ((rd,) if rd is not None else ()) + tuple(callbacks)
