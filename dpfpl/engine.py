@@ -77,7 +77,9 @@ class Engine:
                                   cache=t.cache_features)
         n_mean = float(np.mean([len(c.train_idx) for c in self.clients_data]))
         self.local_steps = t.local_steps or max(1, math.ceil(n_mean / t.batch_size))
-        self.settings = TrainSettings(t.lr, t.momentum, t.weight_decay, t.batch_size, cfg.privacy.sampling, t.n_ctx)
+        # reference mode runs the public code's shuffled fixed-size batches
+        sampling = "shuffle" if cfg.privacy.privacy == "reference" else cfg.privacy.sampling
+        self.settings = TrainSettings(t.lr, t.momentum, t.weight_decay, t.batch_size, sampling, t.n_ctx)
         seeds = np.random.SeedSequence(t.seed).generate_state(4 + 2 * d.num_clients)
         init_gen = torch.Generator().manual_seed(int(seeds[0]))
         p_G = torch.randn(t.n_ctx, self.enc.width, generator=init_gen) * t.ctx_init_std
@@ -86,6 +88,7 @@ class Engine:
                              t.client_fraction, self.privacy, seed=int(seeds[1]))
         self.clients = [Client(cd, self.method, self.enc, self.store, self.scale, self.settings, self.privacy,
                                seed=int(seeds[4 + i])) for i, cd in enumerate(self.clients_data)]
+        self.privacy.attach(self.clients)
         self.round = 0
         self.history: list[dict[str, Any]] = []
         self.stopped_reason: Optional[str] = None
@@ -96,10 +99,17 @@ class Engine:
     def total_rounds(self) -> int:
         return self.cfg.train.rounds if self.method.trainable else 0
 
-    def train_round(self, on_step: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
-        """Run one round; returns its metrics row."""
+    def train_round(self, on_step: Optional[Callable[[int, int], None]] = None) -> Optional[dict[str, Any]]:
+        """Run one round; returns its metrics row, or None when the privacy budget stops training
+        (``stopped_reason`` says why; nothing of the round is released)."""
         t0 = time.perf_counter()
+        rng_state = self.server.rng.bit_generator.state
         sampled = self.server.sample_clients()
+        reason = self.privacy.check_round(sampled, self.local_steps)
+        if reason is not None:
+            self.server.rng.bit_generator.state = rng_state
+            self.stopped_reason = reason
+            return None
         losses = []
         if self.protocol == "grad":
             for s in range(self.local_steps):
@@ -165,6 +175,8 @@ class Engine:
                 cb.on_round_end(self, row)
         while self.round < self.total_rounds and self.stopped_reason is None:
             row = self.train_round(on_step)
+            if row is None:
+                break
             for cb in callbacks:
                 cb.on_round_end(self, row)
         return self.final_metrics()

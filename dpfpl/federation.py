@@ -79,6 +79,7 @@ class Client:
     # ------------------------------------------------------------------ training
     def _batch(self):
         local_idx = self.sampler.next()
+        self.last_local_idx = local_idx  # (b,) positions in this client's training set
         self.used[local_idx] = True
         return self.store.get("train", self.train_idx[local_idx])
 

@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 
 from .config import RunConfig
 from .engine import Engine
-from .errors import ConfigError
+from .errors import BudgetExhausted, ConfigError
 from .rundir import RunDir
 
 
@@ -60,6 +60,10 @@ def train(cfg: Optional[RunConfig] = None, out: Optional[str | Path] = None, res
     engine = Engine(cfg, on_status=on_status, **engine_kwargs)
     if state is not None:
         engine.load_state_dict(state)
+        if engine.round < engine.total_rounds:
+            reason = engine.privacy.check_round(list(range(len(engine.clients))), engine.local_steps)
+            if reason is not None:
+                raise BudgetExhausted(f"cannot resume {resume}: {reason}; nothing was trained")
     cbs = ((rd,) if rd is not None else ()) + tuple(callbacks)
     engine.run(cbs, on_step=on_step)
     summary = summarize(engine, time.perf_counter() - t0)

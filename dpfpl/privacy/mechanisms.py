@@ -29,6 +29,14 @@ class Privacy:
     per_example = False
     ledger: Optional[Any] = None
 
+    def attach(self, clients) -> None:
+        """Called once the engine has built its clients."""
+        self._clients = {c.id: c for c in clients}
+
+    def check_round(self, sampled: list[int], steps: int) -> Optional[str]:
+        """A reason to stop before the next round (e.g. spent budget), or None to go on."""
+        return None
+
     def local(self, client, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return grads
 
