@@ -139,19 +139,22 @@ def _causal_argmax_tower(model: torch.nn.Module) -> bool:
             and hasattr(model, "token_embedding") and bool(torch.isinf(mask[0, 1:]).all()))
 
 
-def encode_text_cut(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def encode_text_cut(model: torch.nn.Module, tokens: torch.Tensor, embed=None) -> torch.Tensor:
     """``model.encode_text(tokens)`` computed on the tokens up to the last end-of-text only.
 
     Exact for a causal text transformer pooled at the EOT token (positions after it cannot change
-    the pooled feature), and several times cheaper than the full 77-token context.
+    the pooled feature), and several times cheaper than the full 77-token context. ``embed``
+    replaces ``model.token_embedding`` (pretraining trains only the rows of its vocabulary).
     """
     if not _causal_argmax_tower(model):
+        if embed is not None:
+            raise ConfigError(f"{type(model).__name__}: pretraining needs a causal text tower pooled at EOT")
         return model.encode_text(tokens)
     eot = tokens.argmax(dim=-1)
     length = int(eot.max()) + 1
     tokens = tokens[:, :length]
     cast = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
+    x = (embed or model.token_embedding)(tokens).to(cast) + model.positional_embedding[:length].to(cast)
     x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
     x = model.ln_final(x)
     x = x[torch.arange(x.shape[0]), eot]
@@ -255,7 +258,26 @@ def pretrain(
     model = oc.create_model(model_name, pretrained=None)
     model.train()
     tokenizer = oc.get_tokenizer(model_name)
-    opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    # Only the token embeddings of the caption vocabulary can receive gradients: train those rows as
+    # a small parameter and write them back at the end (the other rows keep their initial values,
+    # exactly as with the full table, but without a dense 49408-row gradient and Adam update).
+    vocab = torch.unique(tokenizer(synthetic.caption_words()))
+    table = model.token_embedding.weight
+    lut = torch.full((table.shape[0],), -1, dtype=torch.long)
+    lut[vocab] = torch.arange(len(vocab))
+    rows = torch.nn.Parameter(table.detach()[vocab].clone())
+    table.requires_grad_(False)
+
+    def embed(tokens: torch.Tensor) -> torch.Tensor:
+        local = lut[tokens]
+        if bool((local < 0).any()):
+            bad = sorted(set(tokens[local < 0].tolist()))
+            raise DpfplError(f"pretrain: caption tokens {bad} are outside synthetic.caption_words()")
+        return F.embedding(local, rows)
+
+    groups = _param_groups(model, weight_decay)
+    groups[0]["params"].append(rows)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
     rng = synthetic.pretrain_rng(seed)
     token_cache: dict[str, torch.Tensor] = {}
 
@@ -285,7 +307,7 @@ def pretrain(
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, steps, lr, warmup)
             img = F.normalize(model.encode_image(x), dim=-1)
-            txt = F.normalize(encode_text_cut(model, tokens), dim=-1)
+            txt = F.normalize(encode_text_cut(model, tokens, embed), dim=-1)
             scale = model.logit_scale.exp()
             logits = scale * img @ txt.T
             loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
@@ -301,6 +323,9 @@ def pretrain(
         if bar is not None:
             bar.stop()
     train_s = time.perf_counter() - t0
+    with torch.no_grad():
+        table[vocab] = rows
+    table.requires_grad_(True)
     model.eval()
 
     torch_dtype = torch.float16 if dtype == "float16" else torch.float32

@@ -131,11 +131,11 @@ class RunDir:
     def finish(self, engine, summary: dict[str, Any]) -> None:
         from safetensors.torch import save as st_save
 
-        tensors = {"global/p_G": engine.server.p_G.detach().contiguous()}
+        tensors = {"global/p_G": engine.server.p_G.detach().clone().contiguous()}
         for c in engine.clients:
             for k, v in c.local.items():
-                tensors[f"client{c.id}/{k}"] = v.detach().contiguous()
-            tensors[f"client{c.id}/context"] = c.personal_context(engine.server.p_G).contiguous()
+                tensors[f"client{c.id}/{k}"] = v.detach().clone().contiguous()
+            tensors[f"client{c.id}/context"] = c.personal_context(engine.server.p_G).clone().contiguous()
         atomic_write_bytes(self.file("prompts.safetensors"), st_save(tensors))
         atomic_write_json(self.file("membership.json"), engine.membership())
         atomic_write_json(self.file("summary.json"), summary)

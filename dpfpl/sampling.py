@@ -37,6 +37,17 @@ class BatchSampler:
         self.pos += len(batch)
         return batch
 
+    def epochs_started_by(self, steps: int) -> int:
+        """How many new epochs (shuffle) the next ``steps`` batches will start, without drawing them."""
+        if self.mode == "poisson":
+            return 0
+        pos, started = (self.n if self.perm is None else self.pos), 0
+        for _ in range(steps):
+            if pos >= self.n:
+                pos, started = 0, started + 1
+            pos += min(self.batch_size, self.n - pos)
+        return started
+
     def state_dict(self) -> dict:
         return {"perm": self.perm, "pos": self.pos, "epochs": self.epochs}
 

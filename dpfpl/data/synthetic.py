@@ -54,7 +54,7 @@ COLOURS = {
 COLOUR_NAMES = list(COLOURS)
 _COLOUR_RGB = np.array([COLOURS[c] for c in COLOUR_NAMES], dtype=np.float32)
 SIZES = ["small", "medium", "large"]
-_SIZE_RADIUS = np.array([[4.5, 6.5], [6.5, 9.0], [9.0, 12.5]], dtype=np.float32)  # pixels (32 px scale)
+_SIZE_RADIUS = np.array([[5.5, 7.5], [7.5, 10.0], [10.0, 13.0]], dtype=np.float32)  # pixels (32 px scale)
 TEXTURES = ["plain", "gradient", "striped", "checkered", "blotchy"]
 # shapes whose name survives any rotation get a free angle, the others only wobble
 _FREE_ROTATION = {"circle", "ring", "bar"}
@@ -190,6 +190,19 @@ def caption(words: dict[str, str], rng: Optional[np.random.Generator] = None) ->
     if extras:
         text = text.rstrip(".") + " " + " ".join(extras) + ("." if text.endswith(".") else "")
     return text
+
+
+def caption_words() -> list[str]:
+    """Every word (and punctuation mark) :func:`caption` can produce, plus the zero-shot template's."""
+    words = set(SHAPES) | set(COLOUR_NAMES) | set(SIZES) | set(TEXTURES) | {"dark", "light"}
+    words |= {"a", "an", "that", "is", "coloured", "on", "background", ".", "photo", "of"}
+    for t in _TEMPLATES:
+        words |= set(t.replace("{a}", " ").replace("{desc}", " ").replace(".", " . ").split())
+    grid = np.arange(IMAGE_SIZE + 1, dtype=np.float32)
+    for cx in grid:
+        for cy in grid:
+            words |= set(position_words(float(cx), float(cy)).split())
+    return sorted(words)
 
 
 # ----------------------------------------------------------------------------------------------

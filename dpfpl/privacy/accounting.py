@@ -11,9 +11,14 @@ Poisson-subsampled Gaussian bound holds.
 
 Sampling. ``sampling="poisson"`` (each example joins a batch independently with probability q)
 is accounted with amplification: ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))``. Shuffled
-fixed-size batches are NOT Poisson sampling and get no amplification here: callers record each
-step as a plain ``GaussianDpEvent(sigma)`` (``sampling="shuffle"`` or ``"none"``), i.e. as if the
-example were in every batch, which is an upper bound on their loss.
+fixed-size batches are NOT Poisson sampling and get no amplification here: ``sampling="shuffle"``
+or ``"none"`` gives a plain ``GaussianDpEvent(sigma)``. The training mechanisms
+(:mod:`dpfpl.privacy.dp`) record one such event per epoch under replace-one (parallel composition
+over the epoch's disjoint batches) and no-op events for the epoch's other draws.
+
+dp-accounting logs "_compute_log_a_frac failed to converge" for a few low RDP orders when q is
+large and sigma small; it then drops those orders, so the epsilon is still a valid upper bound.
+Those messages are silenced below (absl logger set to ERROR).
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import attr
 import numpy as np
 from dp_accounting import dp_event
+import logging
+
+logging.getLogger("absl").setLevel(logging.ERROR)
 from dp_accounting import mechanism_calibration as mc
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant

@@ -266,7 +266,7 @@ class DPPrivacy(Privacy):
             extra = []
             sampling = "poisson" if self.sampling == "poisson" else "none"
             q = self.q[i] if self.sampling == "poisson" else 1.0
-            n_ev = steps if self.sampling == "poisson" else math.ceil(steps * self.batch_size / self.n[i])
+            n_ev = steps if self.sampling == "poisson" else self._clients[i].sampler.epochs_started_by(steps)
             if self.method.uses_local and self.nm_local is not None:
                 extra.append((make_event(self.nm_local / self.sens, q, sampling), n_ev))
             if self.method.uses_global and self.nm_global is not None and not self.client_level:
