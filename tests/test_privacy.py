@@ -79,9 +79,9 @@ def test_ledger_events_equal_noise_draws(tiny_clip, tiny_dataset, make_cfg, kw):
     e = Engine(dp_cfg(make_cfg, **kw), clip=tiny_clip, dataset=tiny_dataset)
     orig = e.privacy._joint_noise
 
-    def counting(tensors, std):
+    def counting(tensors, std, gen):
         calls.append(std)
-        return orig(tensors, std)
+        return orig(tensors, std, gen)
 
     e.privacy._joint_noise = counting
     e.run()

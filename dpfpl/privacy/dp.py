@@ -116,13 +116,17 @@ class DPPrivacy(Privacy):
                   "(the smallest client's training set): the guarantee is weak", file=sys.stderr)
         self.epsilon_target = p.epsilon
         self.ledger = PrivacyLedger()
-        self.gen = torch.Generator()
+        # noise generators, apart from data/init randomness: the server's (global noise) and one per
+        # client (local noise, drawn where the client runs)
         seed = p.noise_seed
         if seed is None:
             seed = int(np.random.SeedSequence([t.seed, 0x5EED]).generate_state(1)[0])
         elif seed == -1:
             seed = secrets.randbits(63)
-        self.gen.manual_seed(seed)
+        self.noise_seed = seed
+        self.gen = torch.Generator().manual_seed(seed)
+        self.client_gens = {i: torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
+                            for i in self.n}
         self.draws = 0  # noise draws made (tests compare with the ledger)
         self.rounds = t.rounds
         self.local_steps = engine.local_steps
@@ -182,14 +186,14 @@ class DPPrivacy(Privacy):
         uniq, inv = torch.unique(groups, return_inverse=True)
         return inv, len(uniq)
 
-    def _noise_like(self, t: torch.Tensor, std: float) -> torch.Tensor:
-        """One Gaussian draw N(0, std^2 I) shaped like t, from the privacy generator."""
-        return self._joint_noise({"t": t}, std)["t"]
+    def _noise_like(self, t: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
+        """One Gaussian draw N(0, std^2 I) shaped like t."""
+        return self._joint_noise({"t": t}, std, gen)["t"]
 
-    def _joint_noise(self, tensors: dict[str, torch.Tensor], std: float) -> dict[str, torch.Tensor]:
+    def _joint_noise(self, tensors: dict[str, torch.Tensor], std: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """ONE Gaussian draw on the concatenation of ``tensors`` (e.g. u and v jointly)."""
         self.draws += 1
-        return {k: (torch.randn(t.shape, generator=self.gen, dtype=t.dtype) * std).to(t.device)
+        return {k: (torch.randn(t.shape, generator=gen, dtype=t.dtype) * std).to(t.device)
                 for k, t in tensors.items()}
 
     def _norm(self, client) -> float:
@@ -214,7 +218,7 @@ class DPPrivacy(Privacy):
     # ------------------------------------------------------------------ releases
     def local(self, client, grads):
         summed = self._clipped_sum(client, grads)
-        noise = self._joint_noise(summed, self.nm_local * self.C)  # u and v: one joint release
+        noise = self._joint_noise(summed, self.nm_local * self.C, self.client_gens[client.id])  # u, v jointly
         out = {k: (s + noise[k]) / self._norm(client) for k, s in summed.items()}
         self._record(f"client{client.id}/local", self.nm_local, client)
         return out
@@ -225,7 +229,7 @@ class DPPrivacy(Privacy):
 
     def aggregate(self, contribs):
         total = sum(c.tensor for c in contribs)
-        noisy = total + self._noise_like(total, self.nm_global * self.C)
+        noisy = total + self._noise_like(total, self.nm_global * self.C, self.gen)
         for c in contribs:
             self._record(f"client{c.client_id}/global", self.nm_global, self._clients[c.client_id])
         return noisy / sum(c.weight for c in contribs)
@@ -234,7 +238,7 @@ class DPPrivacy(Privacy):
         if self.client_level:
             return G.mean(0) if len(G) else torch.zeros(G.shape[1:], dtype=G.dtype)
         s = self._clipped_sum(client, {"G": G})["G"]
-        out = (s + self._noise_like(s, self.nm_global * self.C)) / self._norm(client)
+        out = (s + self._noise_like(s, self.nm_global * self.C, self.client_gens[client.id])) / self._norm(client)
         self._record(f"client{client.id}/global", self.nm_global, client)
         return out
 
@@ -249,7 +253,7 @@ class DPPrivacy(Privacy):
         if not self.client_level:
             return self.aggregate_plain(contribs)
         total = sum(c.tensor for c in contribs)
-        noisy = total + self._noise_like(total, self.nm_global * self.C)
+        noisy = total + self._noise_like(total, self.nm_global * self.C, self.gen)
         self.ledger.record("server/client_level", make_event(self.nm_global, 1.0, "none"))
         return p_G + noisy / len(contribs)
 
@@ -312,11 +316,14 @@ class DPPrivacy(Privacy):
                 "ledger": self.ledger.state_dict()}
 
     def state_dict(self):
-        return {"ledger": self.ledger.state_dict(), "gen": self.gen.get_state(), "draws": self.draws}
+        return {"ledger": self.ledger.state_dict(), "gen": self.gen.get_state(), "draws": self.draws,
+                "client_gens": {i: g.get_state() for i, g in self.client_gens.items()}}
 
     def load_state_dict(self, s):
         self.ledger.load_state_dict(s["ledger"])
         self.gen.set_state(s["gen"])
+        for i, st in s["client_gens"].items():
+            self.client_gens[int(i)].set_state(st)
         self.draws = s["draws"]
 
 
@@ -346,7 +353,7 @@ class ReferencePrivacy(DPPrivacy):
     def local(self, client, grads):
         out = {}
         for k, g in grads.items():  # u and v clipped and noised separately, as the public code does
-            out[k] = self._clip_mean(g) + self._noise_like(g, self.nm_local * self.C)
+            out[k] = self._clip_mean(g) + self._noise_like(g, self.nm_local * self.C, self.client_gens[client.id])
             self._record(f"client{client.id}/local", self.nm_local, client)
         return out
 
@@ -359,10 +366,10 @@ class ReferencePrivacy(DPPrivacy):
         for c in contribs:
             # each client's clipped mean moves the average by up to 2C / N: same multiplier
             self._record(f"client{c.client_id}/global", self.nm_global, self._clients[c.client_id])
-        return mean + self._noise_like(mean, std)
+        return mean + self._noise_like(mean, std, self.gen)
 
     def local_global(self, client, G):
-        out = self._clip_mean(G) + self._noise_like(G, self.nm_global * self.C)
+        out = self._clip_mean(G) + self._noise_like(G, self.nm_global * self.C, self.client_gens[client.id])
         self._record(f"client{client.id}/global", self.nm_global, client)
         return out
 
