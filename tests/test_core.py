@@ -57,13 +57,14 @@ def test_gradient_reconstruction_matches_autograd_projection(tiny_clip):
     gu_auto, gv_auto = torch.autograd.grad(loss, (u, v))
     _, G = batch_ctx_grad(enc, p_G + p_L, feats, labels, 50.0)
     gu, gv = lowrank.carrier_grads(G, u0, v0)
-    assert torch.allclose(gu, gu_auto, rtol=1e-4, atol=1e-7) and torch.allclose(gv, gv_auto, rtol=1e-4, atol=1e-7)
+    assert (gu - gu_auto).norm() / gu_auto.norm() < 1e-4 and (gv - gv_auto).norm() / gv_auto.norm() < 1e-4
     rebuilt = lowrank.rebuild_grad(gu, gv, u0, v0)
-    assert torch.allclose(rebuilt, lowrank.tangent_projection(G, u0, v0), atol=1e-7)
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    assert rel(rebuilt, lowrank.tangent_projection(G, u0, v0)) < 1e-5
     # a projection: idempotent, and removes the part of G outside the tangent space
-    assert torch.allclose(lowrank.tangent_projection(rebuilt, u0, v0), rebuilt, atol=1e-7)
+    assert rel(lowrank.tangent_projection(rebuilt, u0, v0), rebuilt) < 1e-5
     wrong = gu @ v0.T + u0 @ gv.T + u0 @ (u0.T @ gu) @ v0.T  # the public code's sign
-    assert not torch.allclose(wrong, rebuilt, atol=1e-6)
+    assert rel(wrong, rebuilt) > 1e-2
 
 
 def test_per_example_gradients_match_loop(tiny_clip):

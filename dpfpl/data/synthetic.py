@@ -8,7 +8,8 @@ Every image is 32x32 RGB uint8 and shows one object described by a few attribute
   the shape's name (a square turned by 45 degrees would be a diamond, so squares only wobble);
 - ``position``: anywhere the object fits ("in the top left", "on the right", "in the center"...);
 - ``background``: dark or light, plain / gradient / striped / checkered / blotchy texture;
-- ``noise``: Gaussian pixel noise.
+- ``noise``: Gaussian pixel noise;
+- ``tint``: the strength of a blue light over the whole scene (downstream task only).
 
 Images are rendered in numpy, vectorised over the batch, at twice the resolution and box-filtered
 down (anti-aliased edges). :func:`sample_attributes` draws attributes, :func:`render` draws them,
@@ -19,11 +20,14 @@ Two uses:
 - the downstream task :func:`load_synthetic`: classes are (colour, shape) combinations such as
   "red circle" or "blue triangle", chosen so that every colour and every shape occurs in several
   classes (neither attribute alone identifies the class); size, position, rotation, background and
-  noise are nuisance. Deterministic in ``seed`` (its own ``np.random.default_rng``, never the global
-  RNG state);
+  noise are nuisance. The scene is lit by a blue light (``tint``, default 0.6) that the pretraining
+  world never shows and the zero-shot prompt "a photo of a {class}." does not mention: the domain
+  shift that makes zero-shot accuracy clearly lower than what learned prompts (or a linear probe)
+  reach, as with CLIP on real downstream datasets. Deterministic in ``seed`` (its own
+  ``np.random.default_rng``, never the global RNG state);
 - pretraining the tiny CLIP shipped with the package (:mod:`dpfpl.pretrain`), which draws fresh
-  image-caption pairs from :func:`pretrain_batch` with seeds disjoint from the downstream ones and a
-  milder nuisance distribution (less noise, fewer textured backgrounds).
+  image-caption pairs from :func:`pretrain_batch` with seeds disjoint from the downstream ones,
+  white light and a milder nuisance distribution (less noise, fewer textured backgrounds).
 """
 
 from __future__ import annotations
@@ -63,6 +67,13 @@ _FREE_ROTATION = {"circle", "ring", "bar"}
 # share a generator seed.
 PRETRAIN_SEED_OFFSET = 1_000_003
 
+# The downstream task is "shot under a blue light": the whole scene is multiplied by the per-channel
+# gains ``1 + tint * (BLUE_LIGHT - 1)``. The pretraining world is lit by white light only, and the
+# zero-shot prompt "a photo of a {class}." does not mention the light: a domain shift that a linear
+# probe or learned prompt context can adapt to, and that hand-written zero-shot prompts do not.
+BLUE_LIGHT = (0.55, 0.8, 1.3)
+DEFAULT_TINT = 0.6
+
 # Nuisance distributions: the downstream task is a bit harsher than the pretraining world.
 DOWNSTREAM_NUISANCE = dict(noise=(0.0, 16.0), texture_p=(0.25, 0.15, 0.2, 0.2, 0.2), jitter=22.0)
 PRETRAIN_NUISANCE = dict(noise=(0.0, 8.0), texture_p=(0.5, 0.2, 0.1, 0.1, 0.1), jitter=18.0)
@@ -80,11 +91,12 @@ def sample_attributes(
     noise: tuple[float, float] = DOWNSTREAM_NUISANCE["noise"],
     texture_p: tuple[float, ...] = DOWNSTREAM_NUISANCE["texture_p"],
     jitter: float = DOWNSTREAM_NUISANCE["jitter"],
+    tint: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """Draw ``n`` attribute records (a dict of arrays, one entry per image).
 
     ``shape`` / ``colour`` (int arrays indexing :data:`SHAPES` / :data:`COLOUR_NAMES`) fix those
-    attributes; otherwise they are uniform.
+    attributes; otherwise they are uniform. ``tint`` is the strength of the blue light (0: white).
     """
     shape = rng.integers(0, len(SHAPES), n) if shape is None else np.asarray(shape, dtype=np.int64)
     colour = rng.integers(0, len(COLOURS), n) if colour is None else np.asarray(colour, dtype=np.int64)
@@ -97,7 +109,7 @@ def sample_attributes(
     free = np.isin(shape, [SHAPES.index(s) for s in _FREE_ROTATION])
     angle = np.where(free, rng.random(n) * np.pi, (rng.random(n) - 0.5) * np.deg2rad(30)).astype(np.float32)
     rgb = np.clip(_COLOUR_RGB[colour] + rng.uniform(-jitter, jitter, (n, 3)), 0, 255).astype(np.float32)
-    # background: dark or light (white objects always on dark), a tint, a texture
+    # background: dark or light (white objects always on dark), slightly coloured, with a texture
     dark = rng.random(n) < 0.5
     dark |= colour == COLOUR_NAMES.index("white")
     level = np.where(dark, rng.uniform(10, 70, n), rng.uniform(175, 240, n))
@@ -112,10 +124,11 @@ def sample_attributes(
     blotches = rng.random((n, 5, 5)).astype(np.float32)
     sigma = rng.uniform(noise[0], noise[1], n).astype(np.float32)
     noise_seed = rng.integers(0, 2**63 - 1, n)
+    gain = np.broadcast_to(1 + float(tint) * (np.array(BLUE_LIGHT, dtype=np.float32) - 1), (n, 3))
     return dict(shape=shape, colour=colour, size=size, radius=radius, cx=cx, cy=cy, angle=angle,
                 rgb=rgb, dark=dark, bg=bg, bg2=bg2, texture=texture, tex_angle=tex_angle,
                 tex_freq=tex_freq, tex_cell=tex_cell, blotches=blotches, sigma=sigma,
-                noise_seed=noise_seed)
+                noise_seed=noise_seed, gain=gain.astype(np.float32))
 
 
 def position_words(cx: float, cy: float) -> str:
@@ -268,42 +281,46 @@ def _background(a: dict[str, np.ndarray], idx: np.ndarray, x: np.ndarray, y: np.
     return w
 
 
+def _coverage(a: dict[str, np.ndarray], idx: np.ndarray) -> np.ndarray:
+    """(len(idx), 32, 32, 1) anti-aliased coverage of the objects of images ``idx``."""
+    m = len(idx)
+    h = IMAGE_SIZE * _SS
+    hi = (np.arange(h, dtype=np.float32) + 0.5) / _SS
+    dx = hi[None, None, :] - a["cx"][idx][:, None, None]
+    dy = hi[None, :, None] - a["cy"][idx][:, None, None]
+    c = np.cos(a["angle"][idx])[:, None, None]
+    s = np.sin(a["angle"][idx])[:, None, None]
+    u = dx * c + dy * s
+    v = dy * c - dx * s
+    mask = np.zeros((m, h, h), dtype=np.float32)
+    shp = a["shape"][idx]
+    rad = a["radius"][idx][:, None, None]
+    for k, kind in enumerate(SHAPES):
+        sel = np.nonzero(shp == k)[0]
+        if len(sel):
+            mask[sel] = _shape_mask(kind, u[sel], v[sel], rad[sel])
+    cov = sum(mask[:, i::_SS, j::_SS] for i in range(_SS) for j in range(_SS)) * (1.0 / _SS**2)
+    return cov[..., None]
+
+
 def render(attrs: dict[str, np.ndarray], chunk: int = 512) -> np.ndarray:
     """Draw the images described by ``attrs``: uint8 (N, 32, 32, 3). Deterministic in ``attrs``.
 
     The object mask is computed at ``_SS`` times the resolution and averaged down to a coverage in
-    [0, 1] (anti-aliased edges); the background is computed at pixel centres.
+    [0, 1] (anti-aliased edges); the background is computed at pixel centres. The light's gains
+    (``gain``) multiply the whole scene, then the pixel noise is added.
     """
     n = len(attrs["shape"])
     out = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    h = IMAGE_SIZE * _SS
-    hi = (np.arange(h, dtype=np.float32) + 0.5) / _SS
     lo = np.arange(IMAGE_SIZE, dtype=np.float32) + 0.5
     a = attrs
     for start in range(0, n, chunk):
         idx = np.arange(start, min(n, start + chunk))
-        m = len(idx)
-        # object coverage
-        dx = hi[None, None, :] - a["cx"][idx][:, None, None]
-        dy = hi[None, :, None] - a["cy"][idx][:, None, None]
-        c = np.cos(a["angle"][idx])[:, None, None]
-        s = np.sin(a["angle"][idx])[:, None, None]
-        u = dx * c + dy * s
-        v = dy * c - dx * s
-        mask = np.zeros((m, h, h), dtype=np.float32)
-        shp = a["shape"][idx]
-        rad = a["radius"][idx][:, None, None]
-        for k, kind in enumerate(SHAPES):
-            sel = np.nonzero(shp == k)[0]
-            if len(sel):
-                mask[sel] = _shape_mask(kind, u[sel], v[sel], rad[sel])
-        cov = sum(mask[:, i::_SS, j::_SS] for i in range(_SS) for j in range(_SS)) * (1.0 / _SS**2)
-        cov = cov[..., None]
-        # background, then the object over it
         wbg = _background(a, idx, lo[None, None, :], lo[None, :, None])[..., None]
         bg, bg2 = a["bg"][idx][:, None, None, :], a["bg2"][idx][:, None, None, :]
         img = bg + (bg2 - bg) * wbg
-        img += (a["rgb"][idx][:, None, None, :] - img) * cov
+        img += (a["rgb"][idx][:, None, None, :] - img) * _coverage(a, idx)
+        img *= a["gain"][idx][:, None, None, :]
         # pixel noise, one generator per image so that an image does not depend on its batch
         for j, i in enumerate(idx):
             sigma = float(a["sigma"][i])
@@ -340,11 +357,12 @@ def class_names(n_classes: int) -> list[str]:
     return [f"{COLOUR_NAMES[c]} {SHAPES[s]}" for c, s in class_table(n_classes)]
 
 
-def _split(rng: np.random.Generator, n_classes: int, per_class: int, origin: str) -> ArraySplit:
+def _split(rng: np.random.Generator, n_classes: int, per_class: int, origin: str, tint: float) -> ArraySplit:
     pairs = np.array(class_table(n_classes), dtype=np.int64)
     labels = np.repeat(np.arange(n_classes), per_class)
     labels = labels[rng.permutation(len(labels))]
-    attrs = sample_attributes(rng, len(labels), shape=pairs[labels, 1], colour=pairs[labels, 0])
+    attrs = sample_attributes(rng, len(labels), shape=pairs[labels, 1], colour=pairs[labels, 0],
+                              tint=tint)
     return ArraySplit(render(attrs), labels, origin=origin)
 
 
@@ -354,16 +372,21 @@ def load_synthetic(
     n_classes: int = 16,
     train_per_class: int = 40,
     test_per_class: int = 25,
+    tint: float = DEFAULT_TINT,
     **kw: Any,
 ) -> Dataset:
     """The synthetic downstream task: ``n_classes`` colour-shape classes ("red circle", ...).
 
     ``root`` is ignored (the data is generated). Train and test are independent draws; everything
-    is a function of ``seed`` only. Unknown keyword options are rejected.
+    is a function of the arguments only. ``tint`` in [0, 2] is the strength of the blue light (0:
+    the white light of the pretraining world, where the builtin model's zero-shot accuracy is near
+    perfect). Unknown keyword options are rejected.
     """
     if kw:
         raise ConfigError(f"synthetic dataset: unknown option(s) {sorted(kw)} "
-                          "(known: seed, n_classes, train_per_class, test_per_class)")
+                          "(known: seed, n_classes, train_per_class, test_per_class, tint)")
+    if not 0.0 <= float(tint) <= 2.0:
+        raise ConfigError(f"synthetic: tint={tint} must be in [0, 2]")
     for name, val in (("train_per_class", train_per_class), ("test_per_class", test_per_class)):
         if int(val) < 1:
             raise ConfigError(f"synthetic: {name}={val} must be >= 1")
@@ -372,8 +395,9 @@ def load_synthetic(
         raise ConfigError(f"synthetic: seed={seed} must be in [0, {PRETRAIN_SEED_OFFSET})")
     names = class_names(int(n_classes))
     train_rng, test_rng = (np.random.default_rng([seed, k]) for k in (0, 1))
-    train = _split(train_rng, len(names), int(train_per_class), f"synthetic(seed={seed}).train")
-    test = _split(test_rng, len(names), int(test_per_class), f"synthetic(seed={seed}).test")
+    opts = dict(tint=float(tint))
+    train = _split(train_rng, len(names), int(train_per_class), f"synthetic(seed={seed}).train", **opts)
+    test = _split(test_rng, len(names), int(test_per_class), f"synthetic(seed={seed}).test", **opts)
     ds = Dataset(name="synthetic", classnames=names, train=train, test=test)
     ds.validate()
     return ds
