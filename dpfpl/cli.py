@@ -46,6 +46,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .progress import TrainProgress
     from .train import train
 
+    if getattr(args, "engine", "inprocess") == "flower":  # issue 6: same run, through Flower's simulation engine
+        from .flower import run_flower as train
     cfg, overrides = config_from_args(args)
     if args.resume is None:
         cfg.update(overrides)
@@ -84,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory to write (default: runs/<method>-<dataset>-s<seed>)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live display")
+    p.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess",
+                   help="inprocess (default) or flower: Flower's simulation engine on Ray, one ClientApp per "
+                        "client (needs pip install 'dpfpl[flower]'; see dpfpl/flower/README.md)")
     add_config_options(p)
     p.set_defaults(func=cmd_train)
 

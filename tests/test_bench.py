@@ -1,0 +1,281 @@
+"""The benchmark harness: grid expansion, presets, resume, tables / plots / README, runs.csv, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench.grid import GridSpec, axis_tag, eps_tag, parse_axis, parse_epsilon
+from bench.harness import Harness, cell_status, dp_available, normalize_audit
+from bench.presets import ALL_METHODS, PAPER_REFERENCE, get_preset, load_grid_file, preset_names
+from bench.report import accuracy_table, group
+from bench.timing import PeakMemory, Stopwatch, time_callable
+from dpfpl.errors import ConfigError
+
+TINY = {"pretrained": "none", "num_clients": 2, "rounds": 1, "local_steps": 1, "batch_size": 8, "n_ctx": 4,
+        "rank": 2, "lr": 0.05}
+
+
+def tiny_grid(**kw) -> GridSpec:
+    d = dict(name="tiny", base=dict(TINY), methods=["dpfpl", "local", "zeroshot"], epsilons=[None], seeds=[0, 1])
+    d.update(kw)
+    return GridSpec.from_dict(d)
+
+
+def harness(grid, out, clip, dataset, **kw) -> Harness:
+    # one torch thread: tiny models gain nothing from more, and lose a lot when the cores are shared
+    return Harness(grid, out, progress=False, audit=False, clip=clip, dataset=dataset, command="dpfpl bench --test",
+                   threads=1, **kw)
+
+
+# ------------------------------------------------------------------------------------ grid
+
+def test_default_grid_expansion():
+    g = get_preset("default")
+    cells = g.cells()
+    trainable = [m for m in g.methods if m != "zeroshot"]
+    assert set(g.methods) == set(ALL_METHODS)
+    assert len(g.epsilons) == 4 and g.epsilons[0] is None and len(g.seeds) >= 2
+    assert len(cells) == len(trainable) * len(g.epsilons) * len(g.seeds) + len(g.seeds)
+    ids = [c.id for c in cells]
+    assert len(set(ids)) == len(ids)
+    e = g.epsilons[1]
+    assert f"dpfpl_eps{e:g}_s0" in ids and "dpfpl_nodp_s1" in ids
+    assert [c.id for c in cells if c.method == "zeroshot"] == ["zeroshot_nodp_s0", "zeroshot_nodp_s1"]
+    c = next(c for c in cells if c.id == f"dpfpl_eps{e:g}_s1")
+    cfg = c.config()
+    assert (cfg.privacy.privacy, cfg.privacy.epsilon, cfg.train.seed, cfg.train.method) == ("dp", e, 1, "dpfpl")
+    nodp = next(c for c in cells if c.id == "dpfpl_nodp_s0").config()
+    assert nodp.privacy.privacy == "none"
+    # per-privacy overrides: the learning rate of clipped (private) vs raw (non-private) gradients
+    assert cfg.train.lr == g.private_base["lr"] and nodp.train.lr == g.nonprivate_base["lr"]
+    assert {c.config().train.lr for c in g.select(axes={"lr": [0.3]}).cells()} == {0.3}
+
+
+def test_paper_grid_blocks_and_selection():
+    g = get_preset("paper")
+    cells = g.cells()
+    ids = {c.id for c in cells}
+    assert len(ids) == len(cells)
+    # main grid: 4 datasets x 4 methods x 6 eps x 5 seeds; ablation adds ranks 1, 2, 4 for dpfpl and
+    # ranks 1, 2, 4, 8 for dpfpl-nores (dpfpl at rank 8 is shared with the main grid)
+    assert len(cells) == 4 * 4 * 6 * 5 + 4 * 3 * 6 * 5 + 4 * 4 * 6 * 5
+    assert "caltech101_r8_dpfpl_eps0.1_s0" in ids and "food101_r1_dpfpl-nores_nodp_s4" in ids
+    c = next(c for c in cells if c.id == "oxford-pets_r2_dpfpl_eps0.05_s3")
+    cfg = c.config()
+    assert (cfg.model.model, cfg.data.num_clients, cfg.train.rounds, cfg.train.batch_size, cfg.train.rank) == \
+        ("ViT-B-16", 10, 100, 32, 2)
+    assert g.requires == ["root", "weights"] and g.reference == PAPER_REFERENCE
+    sel = g.select(methods=["promptfl"], epsilons=["none", "0.1"], seeds=[0])
+    assert {c.method for c in sel.cells()} == {"promptfl"}
+    assert len(sel.cells()) == 4 * 2  # ablation block (dpfpl only) dropped
+    sel = g.select(methods=["dpfpl"], seeds=[0], epsilons=[0.1], axes={"dataset": ["caltech101"]})
+    assert sorted(c.id for c in sel.cells()) == [f"caltech101_r{r}_dpfpl_eps0.1_s0" for r in (1, 2, 4, 8)]
+
+
+def test_cifar_and_presets_listed():
+    assert preset_names() == ["default", "paper", "cifar100"]
+    g = get_preset("cifar100")
+    cfg = g.cells()[0].config()
+    assert (cfg.data.dataset, cfg.data.partition, cfg.data.dirichlet_beta) == ("cifar100", "dirichlet", 0.3)
+    assert {c.config().data.num_clients for c in g.cells()} == {25, 50}
+    with pytest.raises(ConfigError, match="unknown bench preset"):
+        get_preset("nope")
+
+
+def test_parsing_and_bad_grids():
+    assert parse_epsilon("none") is None and parse_epsilon("inf") is None and parse_epsilon("0.5") == 0.5
+    with pytest.raises(ConfigError):
+        parse_epsilon("-1")
+    assert parse_axis("rank=1,2,4") == ("rank", [1, 2, 4])
+    with pytest.raises(ConfigError, match="--methods"):
+        parse_axis("method=dpfpl")
+    assert eps_tag(None) == "nodp" and eps_tag(0.05) == "eps0.05" and axis_tag("rank", 8) == "r8"
+    with pytest.raises(ConfigError, match="unknown method"):
+        tiny_grid(methods=["nope"]).cells()
+    with pytest.raises(ConfigError, match="set per cell"):
+        tiny_grid(base={**TINY, "seed": 3}).cells()
+    with pytest.raises(ConfigError, match="unknown config field"):
+        tiny_grid(axes={"bogus": [1]}).cells()
+
+
+def test_grid_file(tmp_path):
+    f = tmp_path / "g.toml"
+    f.write_text('[bench]\npreset = "default"\nmethods = ["dpfpl", "promptfl"]\nepsilons = ["none", 1.0]\n'
+                 'seeds = [3]\n[bench.axes]\nrank = [1, 2]\n[train]\nrounds = 2\n')
+    g = load_grid_file(f)
+    assert g.name == "g" and g.base["rounds"] == 2 and g.base["dataset"] == "synthetic"
+    ids = {c.id for c in g.cells()}
+    assert ids == {f"r{r}_{m}_{e}_s3" for r in (1, 2) for m in ("dpfpl", "promptfl") for e in ("nodp", "eps1")}
+    f.write_text("[bench]\nbogus = 1\n")
+    with pytest.raises(ConfigError, match="bogus"):
+        load_grid_file(f)
+
+
+# ------------------------------------------------------------------------------------ run + resume + report
+
+def test_tiny_grid_runs_resumes_and_reports(tmp_path, tiny_clip, tiny_dataset):
+    out = tmp_path / "res"
+    grid = tiny_grid()
+    r = harness(grid, out, tiny_clip, tiny_dataset, keep_checkpoints=True).run()
+    assert sorted(r.ran) == sorted(c.id for c in grid.cells()) and not r.skipped
+    for name in ("runs.csv", "table_local.md", "table_neighbor.md", "table_privacy.md", "table_cost.md",
+                 "acc_vs_eps.png", "README.md", "grid.json"):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    assert len(rows) == 6
+    for col in ("method", "epsilon", "seed", "local_acc", "neighbor_acc", "wall_s", "epsilon_rdp", "epsilon_pld",
+                "steps_per_s", "examples_per_s", "peak_mem_mb", "device", "cell"):
+        assert col in rows[0], col
+    row = next(x for x in rows if x["cell"] == "dpfpl_nodp_s0")
+    assert row["epsilon"] == "" and 0 <= float(row["local_acc"]) <= 1 and float(row["wall_s"]) > 0
+    assert float(row["peak_mem_mb"]) > 0 and row["device"].startswith("cpu")
+    bench_rec = json.loads((out / "runs/dpfpl_nodp_s0/bench.json").read_text())
+    assert bench_rec["steps_per_s"] > 0 and bench_rec["resumed"] is False
+    table = (out / "table_local.md").read_text()
+    assert "| dataset | eps | Zero-shot | Local only | DP-FPL |" in table
+    assert "| synthetic | none |" in table and "±" in table
+    readme = (out / "README.md").read_text()
+    assert "dpfpl bench --test" in readme and "![accuracy vs eps](acc_vs_eps.png)" in readme
+    assert "finished cells: 6 of 6" in readme
+
+    # a rerun skips every finished cell
+    r2 = harness(grid, out, tiny_clip, tiny_dataset).run()
+    assert r2.ran == [] and len(r2.skipped) == 6
+
+    # interrupted cells: one with a checkpoint is resumed; one with only debris is redone from scratch
+    resumed, debris = out / "runs/dpfpl_nodp_s1", out / "runs/local_nodp_s0"
+    (resumed / "summary.json").unlink()
+    shutil.rmtree(debris)
+    debris.mkdir()
+    (debris / "half-written.tmp").write_text("x")
+    assert cell_status(grid.cells()[1], out / "runs") == "partial"
+    r3 = harness(grid, out, tiny_clip, tiny_dataset).run()
+    assert sorted(r3.ran) == ["dpfpl_nodp_s1", "local_nodp_s0"]
+    assert json.loads((resumed / "bench.json").read_text())["resumed"] is True
+    assert not (debris / "half-written.tmp").exists() and (debris / "summary.json").is_file()
+    assert not (debris / "checkpoint.pt").exists()  # removed once finished (only needed to resume)
+    assert len(list(csv.DictReader((out / "runs.csv").open()))) == 6
+
+
+def test_changed_settings_refused_then_rerun(tmp_path, tiny_clip, tiny_dataset):
+    out = tmp_path / "res"
+    harness(tiny_grid(methods=["local"], seeds=[0]), out, tiny_clip, tiny_dataset).run()
+    changed = tiny_grid(methods=["local"], seeds=[0], base={**TINY, "lr": 0.1})
+    with pytest.raises(ConfigError, match="rerun-changed"):
+        harness(changed, out, tiny_clip, tiny_dataset).run()
+    r = harness(changed, out, tiny_clip, tiny_dataset, rerun_changed=True).run()
+    assert r.ran == ["local_nodp_s0"]
+    assert json.loads((out / "runs/local_nodp_s0/config.json").read_text())["train"]["lr"] == 0.1
+
+
+@pytest.mark.skipif(not dp_available(), reason="DP training mode not in this checkout")
+def test_private_cell_and_privacy_outputs(tmp_path, tiny_clip, tiny_dataset):
+    # explicit noise multipliers: no calibration search (kept out of this quick test)
+    grid = tiny_grid(methods=["dpfpl"], epsilons=[None, 50.0], seeds=[0],
+                     base={**TINY, "noise_multiplier_local": 1.0, "noise_multiplier_global": 1.0})
+    out = tmp_path / "res"
+    harness(grid, out, tiny_clip, tiny_dataset).run()
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    priv = next(r for r in rows if r["cell"] == "dpfpl_eps50_s0")
+    assert float(priv["epsilon"]) == 50.0 and float(priv["epsilon_rdp"]) > 0 and float(priv["epsilon_pld"]) > 0
+    assert (out / "eps_accounting.png").is_file()
+    assert "| synthetic | DP-FPL | 50 |" in (out / "table_privacy.md").read_text()
+    assert "![eps: claimed / target vs accounted vs empirical](eps_accounting.png)" in (out / "README.md").read_text()
+
+
+def test_audit_hook_called_and_normalised(tmp_path, tiny_clip, tiny_dataset, monkeypatch):
+    calls = []
+
+    def fake_audit(run_dir, clip=None, dataset=None):
+        calls.append((Path(run_dir).name, clip is tiny_clip, dataset is tiny_dataset))
+        return {"attacks": {"loss": {"auc": 0.6, "tpr_at_1pct_fpr": 0.02, "eps_lower_bound": 0.1},
+                            "lira": {"auc": 0.7, "tpr_at_1pct_fpr": 0.05, "eps_lower_bound": 0.4,
+                                     "roc": {"fpr": [0, 0.5, 1], "tpr": [0, 0.8, 1]}}}}
+
+    monkeypatch.setattr("bench.harness.find_audit_hook", lambda: fake_audit)
+    out = tmp_path / "res"
+    h = Harness(tiny_grid(methods=["local"], seeds=[0]), out, progress=False, audit=True, clip=tiny_clip,
+                dataset=tiny_dataset, threads=1)
+    h.run()
+    assert calls == [("local_nodp_s0", True, True)]
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    assert float(rows[0]["audit_auc"]) == 0.7 and float(rows[0]["audit_eps_lower_bound"]) == 0.4
+    assert "audit AUC" in (out / "table_privacy.md").read_text()
+    assert normalize_audit({"AUC": 0.5, "eps_lb": 0.0})["auc"] == 0.5
+
+
+# ------------------------------------------------------------------------------------ report pieces
+
+def _row(method, eps, seed, local, dataset="d"):
+    return {"method": method, "epsilon": eps, "seed": seed, "dataset": dataset, "local_acc": local,
+            "neighbor_acc": local, "_axes": []}
+
+
+def test_tables_layout_zero_shot_and_reference():
+    rows = [_row("zeroshot", None, 0, 0.2), _row("dpfpl", None, 0, 0.8), _row("dpfpl", None, 1, 0.9),
+            _row("dpfpl", 1.0, 0, 0.5), _row("promptfl", 1.0, 0, 0.4), _row("promptfl", None, 0, 0.7)]
+    g = group(rows, "local_acc")
+    assert list(g) == [("d", None), ("d", 1.0)]
+    assert g[("d", 1.0)]["zeroshot"][0] == pytest.approx(0.2)  # zero-shot repeated on every eps row
+    assert g[("d", None)]["dpfpl"][0] == pytest.approx(0.85)
+    grid = tiny_grid(seeds=[0, 1], reference=[{"table": "local", "match": {"dataset": "d", "epsilon": 1.0},
+                                               "values": {"dpfpl": 55.5}}], reference_source="paper X")
+    t = accuracy_table(rows, "local_acc", grid, "Local")
+    lines = t.splitlines()
+    header = next(x for x in lines if x.startswith("| dataset"))
+    assert header == "| dataset | eps | Zero-shot | PromptFL | DP-FPL | DP-FPL (paper) |"
+    row_none = next(x for x in lines if x.startswith("| d | none"))
+    assert "**85.0 ± 7.1**" in row_none and "70.0 ± 0.0 (n=1)" in row_none
+    row_1 = next(x for x in lines if x.startswith("| d | 1 "))
+    assert row_1.endswith("| 55.50 |") and "20.0 ± 0.0 (n=1)" in row_1
+
+
+# ------------------------------------------------------------------------------------ timing + CLI
+
+def test_timing_helpers():
+    t = time_callable(lambda: sum(range(1000)), "sum", warmup=1, repeats=5, device="cpu")
+    assert t.repeats == 5 and t.min_s <= t.median_s <= max(t.times_s) and t.device.startswith("cpu")
+    with Stopwatch("cpu") as sw, PeakMemory("cpu") as mem:
+        x = bytearray(32 * 2**20)
+        x[::4096] = b"\x01" * len(x[::4096])
+    assert sw.seconds > 0 and mem.peak_mb > 32 and mem.kind == "cpu_rss"
+
+
+def test_cli_list_and_dry_run(tmp_path, capsys):
+    from dpfpl.cli import main
+
+    assert main(["bench", "--list"]) == 0
+    assert "default" in capsys.readouterr().out
+    assert main(["bench", "--dry-run", "--out", str(tmp_path / "o"), "--methods", "dpfpl", "zeroshot",
+                 "--epsilons", "none", "2", "--seeds", "0", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "dpfpl_nodp_s0" in out and "dpfpl_eps2_s0" in out and "zeroshot_nodp_s0" in out and "3 cells" in out
+    assert main(["bench", "--preset", "paper", "--dry-run", "--out", str(tmp_path / "p"), "--seeds", "0",
+                 "--methods", "dpfpl", "--epsilons", "0.1", "--axis", "dataset=caltech101"]) == 0
+    assert "4 cells" in capsys.readouterr().out
+
+
+def test_paper_preset_fails_fast_without_root(tmp_path, capsys):
+    from dpfpl.cli import main
+
+    rc = main(["bench", "--preset", "paper", "--out", str(tmp_path / "p"), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--root" in err
+    assert not (tmp_path / "p" / "runs").exists()
+
+
+def test_cli_options_reach_every_cell():
+    from bench.cli import build_grid
+    from dpfpl.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--lr", "0.3", "--rounds", "2", "--method", "dpfpl", "--seed", "4",
+                                      "--epsilons", "none", "1"])
+    cells = build_grid(args).cells()
+    assert sorted(c.id for c in cells) == ["dpfpl_eps1_s4", "dpfpl_nodp_s4"]
+    assert {(c.config().train.lr, c.config().train.rounds) for c in cells} == {(0.3, 2)}
