@@ -30,6 +30,17 @@ def make_images(n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(imgs), np.array(labels)
 
 
+class StopAfter:
+    """Engine callback simulating an interruption (Ctrl-C) after round ``n``."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def on_round_end(self, engine, row) -> None:
+        if row["round"] == self.n:
+            raise KeyboardInterrupt
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset() -> Dataset:
     xtr, ytr = make_images(10, 0)

@@ -228,6 +228,35 @@ def test_positive_and_negative_controls_end_to_end(tiny_clip, tiny_dataset, make
     assert again["attacks"]["lira"]["auc"] == pytest.approx(pos["attacks"]["lira"]["auc"])
 
 
+def test_invert_sgd_recovers_gradients():
+    from audits.whitebox import invert_sgd
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(3, 5, generator=g).requires_grad_(True)
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=0.01)
+    seq, grads = [p.detach().clone()], []
+    for _ in range(6):
+        grads.append(torch.randn(3, 5, generator=g))
+        p.grad = grads[-1].clone()
+        opt.step()
+        seq.append(p.detach().clone())
+    for a, b in zip(invert_sgd(seq, 0.1, 0.9, 0.01), grads):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_gradient_canaries(tiny_clip, tiny_dataset, make_cfg, tmp_path):
+    """White-box canaries: found without noise; under DP their bound stays below the global eps."""
+    cfg = _cfg(make_cfg, n_ctx=16)
+    world = _random_world(cfg, tiny_clip, tiny_dataset)
+    s = AuditSettings(attacks=["gradient-canary"], client="all", canaries=100)
+    r = audit_train(cfg, tmp_path / "np", s, world=world)["attacks"]["gradient-canary"]
+    assert r["auc"] > 0.75 and r["eps_lower_bound"] > 0.3 and r["epsilon_spent"] is None
+    cfg_dp = _cfg(make_cfg, n_ctx=16, privacy="dp", noise_multiplier_local=1.0, noise_multiplier_global=1.0)
+    r = audit_train(cfg_dp, tmp_path / "dp", s, world=world)["attacks"]["gradient-canary"]
+    assert r["epsilon_spent"] > 0 and r["eps_lower_bound"] <= r["epsilon_spent"]
+    assert not [f for f in r["flags"] if f["kind"] == "bug"]
+
+
 def test_run_dir_audit_and_privacy_keys(tiny_clip, tiny_dataset, make_cfg, tmp_path):
     from dpfpl.train import train
 

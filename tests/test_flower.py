@@ -85,6 +85,16 @@ class LocalGrid(Grid):
 
 
 @pytest.fixture(autouse=True)
+def one_thread():
+    """Both engines run in this process on one torch thread (as each Ray actor does); two threads
+    on a loaded 2-core machine were measured up to 20x slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
 def local_clients(monkeypatch, tiny_clip, tiny_dataset):
     """ClientApps running in this process build their engine from the in-memory tiny model and data
     (the in-process runs below use the same); Ray actors do not see this and load from the config."""
@@ -166,7 +176,7 @@ def counts(engine):
     {},
     DP,
     {**DP, "protocol": "fedavg"},
-    {**DP, "num_clients": 3, "client_fraction": 0.67, "sampling": "shuffle", "batch_size": 16},
+    {**DP, "num_clients": 3, "client_fraction": 0.67, "sampling": "shuffle"},
     {**DP, "epsilon": "between rounds 1 and 2"},  # the budget stops training after round 1, in both engines
 ], ids=["none", "dp", "dp-fedavg", "dp-sampled-shuffle", "dp-budget-stop"])
 def test_flower_apps_equal_inprocess(tmp_path, tiny_clip, tiny_dataset, make_cfg, extra):
@@ -267,11 +277,11 @@ def test_too_few_replies_stop_cleanly(tmp_path, make_cfg, tiny_clip):
 
 def test_resume_inprocess_checkpoint_on_flower(tmp_path, tiny_clip, tiny_dataset, make_cfg):
     """Checkpoints are interchangeable: a run started in-process continues on the Flower apps."""
-    full = inprocess(make_cfg(**DP, rounds=3), tiny_clip, tiny_dataset)
+    full = inprocess(make_cfg(**DP), tiny_clip, tiny_dataset)  # 2 rounds
     inprocess(make_cfg(**DP, rounds=1), tiny_clip, tiny_dataset, out=tmp_path / "r")
     rd = RunDir(tmp_path / "r")
     cfg = rd.load_config()
-    cfg.update({"rounds": 3})
+    cfg.update({"rounds": 2})
     _, e = run_local(cfg, checkpoint=rd.load_checkpoint())
     assert_same_run(e, full)
 

@@ -14,6 +14,8 @@ from dpfpl.errors import BudgetExhausted, ConfigError
 from dpfpl.privacy import reference_sigma
 from dpfpl.privacy.dp import clip_and_sum, parse_clip_unit
 from dpfpl.rundir import RunDir
+
+from .conftest import StopAfter
 from dpfpl.train import train
 
 
@@ -123,15 +125,6 @@ def test_budget_stops_cleanly_and_keeps_results(tiny_clip, tiny_dataset, make_cf
     cfg_dict = json.loads((tmp_path / "r" / "config.json").read_text())
     with pytest.raises(BudgetExhausted, match="nothing was trained"):
         train(resume=tmp_path / "r", clip=tiny_clip, dataset=tiny_dataset)
-
-
-class StopAfter:
-    def __init__(self, n):
-        self.n = n
-
-    def on_round_end(self, engine, row):
-        if row["round"] == self.n:
-            raise KeyboardInterrupt
 
 
 def test_resume_keeps_ledger(tiny_clip, tiny_dataset, make_cfg, tmp_path):

@@ -15,16 +15,9 @@ from dpfpl.cli import main
 from dpfpl.engine import Engine
 from dpfpl.errors import ConfigError, DataError
 from dpfpl.rundir import RunDir
+
+from .conftest import StopAfter
 from dpfpl.data.base import ArraySplit, Dataset, FileSplit
-
-
-class StopAfter:
-    def __init__(self, n):
-        self.n = n
-
-    def on_round_end(self, engine, row):
-        if row["round"] == self.n:
-            raise KeyboardInterrupt
 
 
 def _run(cfg, clip, dataset, rd, callbacks=(), state=None):
