@@ -47,7 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     if getattr(args, "engine", "inprocess") == "flower":  # issue 6: same run, through Flower's simulation engine
-        from .flower import run_flower as train
+        from .flower import run_flower as train  # noqa: F811  (same signature and run directory)
     cfg, overrides = config_from_args(args)
     if args.resume is None:
         cfg.update(overrides)

@@ -211,6 +211,17 @@ def test_flower_apps_equal_inprocess(tmp_path, tiny_clip, tiny_dataset, make_cfg
     assert sorted(p.name for p in (tmp_path / "fl").iterdir()) == sorted(p.name for p in (tmp_path / "ip").iterdir())
 
 
+@pytest.mark.parametrize("method", ["dpfpl-nores", "fedotp", "fedpgp", "fedprompt", "local", "promptfl", "zeroshot"])
+def test_every_method_matches(tiny_clip, tiny_dataset, make_cfg, method):
+    extra = {**DP, "method": method, "rounds": 1}
+    assert_same_run(run_local(make_cfg(**extra))[1], inprocess(make_cfg(**extra), tiny_clip, tiny_dataset))
+
+
+def test_reference_mode_matches(tiny_clip, tiny_dataset, make_cfg):
+    extra = {"privacy": "reference", "epsilon": 5.0, "rounds": 1}
+    assert_same_run(run_local(make_cfg(**extra))[1], inprocess(make_cfg(**extra), tiny_clip, tiny_dataset))
+
+
 @pytest.fixture
 def flower_run(tiny_clip, make_cfg):
     """run_local with the engine: returns (summary, engine)."""
