@@ -348,7 +348,7 @@ class ReferencePrivacy(DPPrivacy):
         return (nm if self.method.uses_local else None), (nm if self.method.uses_global else None)
 
     def _clip_mean(self, g: torch.Tensor) -> torch.Tensor:
-        return g * min(1.0, self.C / (float(g.norm()) + 1e-12))
+        return g * min(1.0, self.C / (float(g.detach().norm()) + 1e-12))
 
     def local(self, client, grads):
         out = {}
