@@ -16,8 +16,9 @@ Two ways to get a target (see ``issues show 4`` and ``audit.md`` of any audit):
 Shadow/reference models (attacks ``shadow``, ``lira``, ``rmia``) retrain the same recipe on random
 halves of each audited client's candidate pool (complementary pairs), other clients keeping the
 data they had in the target; they are cached under ``OUT/cache`` by a hash of everything that
-determines them. The ``canary`` attack trains the recipe once more with canaries (see
-:mod:`audits.canary`).
+determines them. The ``canary`` attack trains the recipe once more with input canaries (see
+:mod:`audits.canary`); ``gradient-canary`` once more with white-box gradient canaries observed
+through every global broadcast (see :mod:`audits.whitebox`).
 """
 
 from __future__ import annotations

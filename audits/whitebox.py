@@ -8,7 +8,10 @@ GLOBAL mechanism (the server's aggregation and its noise), and its bound is comp
 accountant's eps of that mechanism (``epsilon_global``). Local prompts are never observed.
 
 Canaries (Nasr et al. 2021/2023 "Dirac"-style, in gradient space): m random directions ``g_c`` in
-the context space (n_ctx x D), each of norm C (the clipping bound, so clipping leaves them intact).
+the context space (n_ctx x D), of norm C under per-example clipping (clipping leaves them intact) and
+of norm 1e4 C where a whole batch mean/sum is clipped (reference mode, ``clip_unit=batch``: the
+canary then dominates the clipped batch, the worst case the sensitivity must cover); see
+:func:`canary_norm`.
 Each is included in the audited client's data independently with probability 1/2 (seeded coins).
 At every step an included canary joins the client's batch with the client's sampling rate
 ``q = B / n`` (Poisson), contributing exactly ``g_c`` as its per-example global-prompt gradient
@@ -18,7 +21,7 @@ carries canaries: the local prompt is not observed by this adversary.
 Observation: from consecutive broadcasts the adversary inverts the server's SGD step
 (``buf_t = (p_t - p_{t+1}) / lr``, ``d_t = buf_t - momentum * buf_{t-1}``,
 ``g_t = d_t - weight_decay * p_t``) to get each step's aggregated (noised) gradient, and scores
-canary c by ``sum_t <g_t, g_c> / C``. Guesses with abstention give the one-run bound (Steinke et al.).
+canary c by ``sum_t <g_t, u_c>`` with ``u_c`` its unit direction. Guesses with abstention give the one-run bound (Steinke et al.).
 
 Requirements (else ConfigError): a method with a global prompt, the ``grad`` protocol (one
 broadcast per step), Poisson sampling, and per-example or whole-batch clipping units.
@@ -35,7 +38,7 @@ import torch
 from dpfpl.errors import ConfigError
 
 from .attacks import evaluate_scores
-from .shadow import ModelCache, TrainedModel, build_clients, derive_seed, recipe_dict, shared_store
+from .shadow import ModelCache, TrainedModel, build_clients, derive_seed, light_summary, recipe_dict, shared_store
 from .target import World
 
 __all__ = ["run_gradient_canaries", "invert_sgd"]
@@ -57,6 +60,20 @@ def invert_sgd(params: list[torch.Tensor], lr: float, momentum: float, weight_de
     return grads
 
 
+BIG = 1e4  # canary norm, in units of C, where the mechanism clips a batch mean/sum: the canary dominates it
+
+
+def canary_norm(cfg) -> float:
+    """Norm of a gradient canary: C under per-example clipping (clipping leaves it intact); BIG x C where a
+    whole batch mean/sum is clipped (the canary then dominates the clipped batch: the worst case the DP
+    analysis must cover); C without privacy (no clipping: a larger canary would derail training)."""
+    C = float(cfg.privacy.clip_norm)
+    p = cfg.privacy
+    if p.privacy == "reference" or (p.privacy == "dp" and p.clip_unit == "batch"):
+        return BIG * C
+    return C
+
+
 def _check(cfg, engine) -> None:
     if not engine.method.uses_global:
         raise ConfigError(f"gradient canaries: method {cfg.train.method!r} has no global prompt to observe")
@@ -76,7 +93,6 @@ def _train_with_canaries(cfg, world: World, clients, dirs: dict[int, torch.Tenso
                          seed: int, C: float, on_step=None) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """Train once with the canaries injected; returns the broadcast p_G sequence and the summary."""
     from dpfpl.engine import Engine
-    from dpfpl.train import summarize
 
     cfg = copy.deepcopy(cfg)
     cfg.train.eval_every = cfg.train.rounds
@@ -114,7 +130,7 @@ def _train_with_canaries(cfg, world: World, clients, dirs: dict[int, torch.Tenso
                 on_step(done, total)
 
         engine.run((), on_step=step)
-        summary = summarize(engine, 0.0)
+        summary = light_summary(engine)
     return seq, summary
 
 
@@ -129,14 +145,15 @@ def run_gradient_canaries(world: World, cfg, base_sets: dict[int, np.ndarray], c
         raise ConfigError(f"--canaries {m}: at most {4 * shape[0] * shape[1]} gradient canaries in a "
                           f"{shape[0]}x{shape[1]} context space (beyond that they are far from orthogonal)")
     C = float(cfg.privacy.clip_norm)
+    norm = canary_norm(cfg)
     g = torch.Generator().manual_seed(derive_seed(seed, 5))
     per = np.array_split(np.arange(m), len(clients))
     inc_all = np.random.default_rng([seed, 0xC02]).random(m) < 0.5
     dirs, included, owner = {}, {}, np.zeros(m, np.int64)
     all_dirs = torch.randn(m, *shape, generator=g)
-    all_dirs = all_dirs / all_dirs.flatten(1).norm(dim=1).view(-1, 1, 1) * C
+    all_dirs = all_dirs / all_dirs.flatten(1).norm(dim=1).view(-1, 1, 1)  # unit directions
     for i, chunk in zip(clients, per):
-        dirs[i] = all_dirs[chunk]
+        dirs[i] = all_dirs[chunk] * norm
         included[i] = inc_all[chunk]
         owner[chunk] = i
     key = ModelCache.key("gradcanary", recipe=recipe_dict(cfg), world=world.fingerprint(), sets=base_sets,
@@ -152,7 +169,7 @@ def run_gradient_canaries(world: World, cfg, base_sets: dict[int, np.ndarray], c
             t = cfg.train
             grads = invert_sgd(seq, t.global_lr or t.lr, t.momentum, t.weight_decay)
             total = torch.stack(grads).sum(0) if grads else torch.zeros(shape)
-            scores = (all_dirs.flatten(1) @ total.flatten().to(all_dirs.dtype)).numpy() / C
+            scores = (all_dirs.flatten(1) @ total.flatten().to(all_dirs.dtype)).numpy()
             summ = {k: v for k, v in summ.items() if isinstance(v, (int, float, str, bool, type(None)))}
             summ["broadcasts"] = len(seq) - 1
         summ["wb_scores"] = [float(x) for x in scores]
@@ -162,9 +179,9 @@ def run_gradient_canaries(world: World, cfg, base_sets: dict[int, np.ndarray], c
     run = cache.get(key, make)
     scores = np.asarray(run.summary["wb_scores"], np.float64)
     r = evaluate_scores(scores, inc_all, delta=delta, confidence=confidence, design="randomized", seed=seed)
-    r["signal"] = ("sum over steps of <aggregated global gradient recovered from consecutive broadcasts, canary "
-                   "direction> / C (white-box: every global broadcast observed)")
-    r["canaries"] = {"kind": "gradient (Dirac-style random directions of norm C)", "n": int(m),
+    r["signal"] = ("sum over steps of <aggregated global gradient recovered from consecutive broadcasts, unit canary "
+                   "direction> (white-box: every global broadcast observed)")
+    r["canaries"] = {"kind": "gradient (Dirac-style random directions)", "norm": norm, "n": int(m),
                      "n_included": int(inc_all.sum()), "broadcasts_observed": run.summary.get("broadcasts")}
     r["members_definition"] = "gradient canaries inserted by a fair coin into the audited client's data"
     r["_summary"] = run.summary

@@ -251,7 +251,8 @@ def test_gradient_canaries(tiny_clip, tiny_dataset, make_cfg, tmp_path):
     s = AuditSettings(attacks=["gradient-canary"], client="all", canaries=100)
     r = audit_train(cfg, tmp_path / "np", s, world=world)["attacks"]["gradient-canary"]
     assert r["auc"] > 0.75 and r["eps_lower_bound"] > 0.3 and r["epsilon_spent"] is None
-    cfg_dp = _cfg(make_cfg, n_ctx=16, privacy="dp", noise_multiplier_local=1.0, noise_multiplier_global=1.0)
+    cfg_dp = _cfg(make_cfg, n_ctx=16, rounds=2, local_steps=3, privacy="dp", noise_multiplier_local=1.0,
+                  noise_multiplier_global=1.0)
     r = audit_train(cfg_dp, tmp_path / "dp", s, world=world)["attacks"]["gradient-canary"]
     assert r["epsilon_spent"] > 0 and r["eps_lower_bound"] <= r["epsilon_spent"]
     assert not [f for f in r["flags"] if f["kind"] == "bug"]
