@@ -10,7 +10,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints-cpu.txt torch torchvision
-	$(BIN)/pip install -q --disable-pip-version-check -c constraints-cpu.txt -e ".[dev]"
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints-cpu.txt -e ".[dev,flower]"
 	touch $@
 
 test: setup
