@@ -9,7 +9,9 @@ A :class:`GridSpec` holds
 - ``blocks``: extra sub-grids (e.g. a rank ablation) that override some of the above; the cells
   are the union of the main grid and every block, without duplicates;
 - ``private_mode``: the privacy mode of the eps cells (``dp``: honest accounting, calibrated to the
-  target eps; ``reference``: the public code's calibration, eps is a claim);
+  target eps; ``reference``: the public code's calibration, eps is a claim); a block may set its
+  own (the default grid adds DP-FPL in reference mode beside the honest cells); reference-mode
+  cells are tagged ``ref<eps>`` instead of ``eps<eps>``;
 - ``private_base`` / ``nonprivate_base``: overrides for the eps cells / the non-private cells only
   (e.g. a learning rate tuned for clipped gradients and one for raw gradients);
 - ``dataset_options``: keyword options of the dataset loader (e.g. the synthetic task's size);
@@ -43,11 +45,14 @@ AXIS_TAGS = {"rank": "r", "num_clients": "n", "rounds": "R", "batch_size": "b", 
              "shots": "k", "n_ctx": "ctx", "local_steps": "K", "lr": "lr", "clip_norm": "C",
              "client_fraction": "frac", "model": "", "dataset": "", "partition": ""}
 PRIVATE_MODES = ("dp", "reference")
-BLOCK_KEYS = {"name", "methods", "epsilons", "seeds", "axes", "base"}
+BLOCK_KEYS = {"name", "methods", "epsilons", "seeds", "axes", "base", "private_mode"}
 
 
-def eps_tag(eps: Optional[float]) -> str:
-    return "nodp" if eps is None else f"eps{eps:g}"
+def eps_tag(eps: Optional[float], mode: str = "dp") -> str:
+    """``nodp``, ``eps0.5`` (honest DP) or ``ref0.5`` (reference mode: 0.5 is the claimed eps)."""
+    if eps is None:
+        return "nodp"
+    return f"{'ref' if mode == 'reference' else 'eps'}{eps:g}"
 
 
 def eps_label(eps: Optional[float]) -> str:
@@ -212,6 +217,9 @@ class GridSpec:
             bad = sorted(set(b) - BLOCK_KEYS)
             if bad:
                 raise ConfigError(f"bench grid {self.name}: block keys {bad} unknown; known: {sorted(BLOCK_KEYS)}")
+            if b.get("private_mode", self.private_mode) not in PRIVATE_MODES:
+                raise ConfigError(f"bench grid {self.name}: block {b.get('name', '?')!r}: private_mode="
+                                  f"{b['private_mode']!r} is not one of {list(PRIVATE_MODES)}")
         for part in [self._main()] + self.blocks:
             for m in part.get("methods", []):
                 if m not in valid:
@@ -260,6 +268,7 @@ class GridSpec:
         out: dict[str, Cell] = {}
         for part in [self._main()] + [self._block(b) for b in self.blocks]:
             axes = part.get("axes", {})
+            mode = part.get("private_mode", self.private_mode)
             combos = itertools.product(*[axes[k] for k in axes]) if axes else [()]
             for combo in combos:
                 avals = dict(zip(axes, combo))
@@ -275,10 +284,10 @@ class GridSpec:
                             if eps is None:
                                 ov.update({"privacy": "none", "epsilon": None})
                             else:
-                                ov.update({"privacy": self.private_mode, "epsilon": eps})
+                                ov.update({"privacy": mode, "epsilon": eps})
                             cfg = RunConfig().update(ov)
                             id_axes = tuple((k, _config_value(cfg, k, index)) for k in names)
-                            parts = [axis_tag(k, v) for k, v in id_axes] + [method, eps_tag(eps), f"s{seed}"]
+                            parts = [axis_tag(k, v) for k, v in id_axes] + [method, eps_tag(eps, mode), f"s{seed}"]
                             cid = "_".join(parts)
                             cell = Cell(cid, method, eps, seed, id_axes, tuple(sorted(ov.items())),
                                         tuple(sorted(self.dataset_options.items())))

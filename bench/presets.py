@@ -110,6 +110,9 @@ DEFAULT_NOTES = [
     "non-private ones: the raw per-example gradient norms have median ~10 and reach ~80 on this task, "
     "so unclipped steps at 0.1 overshoot (a sweep of 0.002-0.02 without DP gave the same accuracy within "
     "noise; 0.002 was the most stable across seeds).",
+    "DP-FPL also runs in reference mode (the public code's calibration: batch-mean clipping, "
+    "sigma = sqrt(R log(1/delta)) / eps; the eps is a claim) at the same three eps: the privacy table "
+    "sets its claimed eps beside what the accountant makes of the same noise, and the audit beside both.",
     "Zero-shot uses no training data, so its accuracy holds at every eps; it is shown in every row.",
     "Membership audits (when the audits package is present) run on the seed-0 cells only, with the "
     "audits' default settings on the run directory (members: the examples client 0 trained on; "
@@ -125,6 +128,8 @@ def _default() -> GridSpec:
         base=dict(DEFAULT_BASE), methods=list(ALL_METHODS), epsilons=list(DEFAULT_EPSILONS),
         seeds=list(DEFAULT_SEEDS), dataset_options=dict(DEFAULT_DATASET_OPTIONS), notes=list(DEFAULT_NOTES),
         private_base={"lr": DEFAULT_LR_PRIVATE}, nonprivate_base={"lr": DEFAULT_LR_NONPRIVATE}, audit_seeds=[0],
+        blocks=[{"name": "reference mode", "methods": ["dpfpl"], "epsilons": [e for e in DEFAULT_EPSILONS if e],
+                 "private_mode": "reference"}],
     )
 
 

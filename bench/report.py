@@ -41,13 +41,34 @@ CSV_COLUMNS = ["cell", "method", "epsilon", "seed", "dataset", "privacy", "local
 _SKIP_SUMMARY = {"local_acc_per_client", "neighbor_acc_per_client", "epsilon_spent"}
 
 
+#: Suffix of a series run in reference mode (the public code's calibration; its eps is a claim).
+REF_SUFFIX = "+ref"
+
+
+def series(r: dict[str, Any]) -> str:
+    """What a table column / plot line shows: the method, or ``method+ref`` for reference-mode runs
+    (same method, different privacy mechanism: never averaged with the honest runs)."""
+    return r["method"] + (REF_SUFFIX if r.get("privacy") == "reference" else "")
+
+
+def _base(m: str) -> str:
+    return m[:-len(REF_SUFFIX)] if m.endswith(REF_SUFFIX) else m
+
+
 def label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
+    base = METHOD_LABELS.get(_base(method), _base(method))
+    return base + (" (ref. mode)" if method.endswith(REF_SUFFIX) else "")
+
+
+def color(method: str, i: int = 0) -> str:
+    return METHOD_COLORS.get(_base(method), f"C{i % 10}")
 
 
 def method_order(methods: Iterable[str]) -> list[str]:
+    """Paper order, each reference-mode series right after its method."""
     ms = list(dict.fromkeys(methods))
-    return [m for m in METHOD_ORDER if m in ms] + sorted(m for m in ms if m not in METHOD_ORDER)
+    known = [m for b in METHOD_ORDER for m in (b, b + REF_SUFFIX) if m in ms]
+    return known + sorted(m for m in ms if m not in known)
 
 
 # ------------------------------------------------------------------------------------ rows
@@ -130,7 +151,7 @@ def group(rows: list[dict[str, Any]], metric: str) -> "OrderedDict[tuple, dict[s
     """row key (dataset, axes..., eps) -> method -> (mean, std, n) of ``metric`` over seeds."""
     acc: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        acc[_row_key(r)][r["method"]].append(r.get(metric))
+        acc[_row_key(r)][series(r)].append(r.get(metric))
     # zero-shot uses no data: its value holds at every eps of the same dataset/axes
     zs = {k[:-1]: v["zeroshot"] for k, v in acc.items() if "zeroshot" in v and k[-1] is None}
     for k, v in acc.items():
@@ -182,7 +203,7 @@ def _ref_lookup(grid: GridSpec, table: str, key: tuple) -> dict[str, float]:
 def accuracy_table(rows: list[dict[str, Any]], metric: str, grid: GridSpec, title: str) -> str:
     table = "local" if metric == "local_acc" else "neighbor"
     grouped = group(rows, metric)
-    methods = method_order(r["method"] for r in rows)
+    methods = method_order(series(r) for r in rows)
     n_seeds = len(grid.seeds)
     ref_methods = [m for m in methods if any(ref.get("table") == table and m in ref.get("values", {})
                                              for ref in grid.reference)]
@@ -240,8 +261,8 @@ def privacy_table(rows: list[dict[str, Any]]) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in sel:
-        groups[(r["dataset"], *[r.get(a) for a in axes], r["method"], r["epsilon"])].append(r)
-    order = method_order(r["method"] for r in sel)
+        groups[(r["dataset"], *[r.get(a) for a in axes], series(r), r["epsilon"])].append(r)
+    order = method_order(series(r) for r in sel)
     for key in sorted(groups, key=lambda k: (str(k[0]), [_sortable(x) for x in k[1:-2]], order.index(k[-2]),
                                              _eps_sort(k[-1]))):
         g = groups[key]
@@ -275,8 +296,8 @@ def cost_table(rows: list[dict[str, Any]]) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        groups[(r["method"], r["epsilon"] is not None)].append(r)
-    order = method_order(r["method"] for r in rows)
+        groups[(series(r), r["epsilon"] is not None)].append(r)
+    order = method_order(series(r) for r in rows)
     for key in sorted(groups, key=lambda k: (order.index(k[0]), k[1])):
         g = groups[key]
         mem = [r.get("peak_mem_mb") for r in g if r.get("peak_mem_mb") is not None]
@@ -316,8 +337,8 @@ def plot_acc_vs_eps(rows: list[dict[str, Any]], path: Path, max_panels: int = 12
     panels = list(dict.fromkeys(_row_key(r)[:-1] for r in rows))[:max_panels]
     eps_vals = sorted({r["epsilon"] for r in rows if r["epsilon"] is not None})
     x_np = (max(eps_vals) * 4 if eps_vals else 1.0)  # where "non-private" is drawn
-    methods = method_order(r["method"] for r in rows)
-    colors = {m: METHOD_COLORS.get(m, f"C{i % 10}") for i, m in enumerate(methods)}
+    methods = method_order(series(r) for r in rows)
+    colors = {m: color(m, i) for i, m in enumerate(methods)}
     fig = _figure(10, 3.4 * len(panels))
     for pi, pkey in enumerate(panels):
         prow = [r for r in rows if _row_key(r)[:-1] == pkey]
@@ -363,7 +384,7 @@ def plot_eps_accounting(rows: list[dict[str, Any]], path: Path) -> Optional[Path
         return None
     from matplotlib.lines import Line2D
 
-    methods = method_order(r["method"] for r in priv)
+    methods = method_order(series(r) for r in priv)
     series = [("epsilon_rdp", "accounted (RDP)", "o", "-"), ("epsilon_pld", "accounted (PLD)", "x", ":"),
               ("audit_eps_lower_bound", "empirical (audit lower bound)", "v", "none")]
     pts: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -371,7 +392,7 @@ def plot_eps_accounting(rows: list[dict[str, Any]], path: Path) -> Optional[Path
         x = r.get("epsilon_claimed") or r["epsilon"]
         for key, *_ in series:
             if r.get(key) is not None:
-                pts[(r["method"], key)][float(x)].append(float(r[key]))
+                pts[(series(r), key)][float(x)].append(float(r[key]))
     pos = [y for d in pts.values() for ys in d.values() for y in ys if y > 0] + \
           [x for d in pts.values() for x in d]
     lo, hi = min(pos) / 3, max(pos) * 3
@@ -387,7 +408,7 @@ def plot_eps_accounting(rows: list[dict[str, Any]], path: Path) -> Optional[Path
             xs = sorted(d)
             ys = [statistics.fmean(d[x]) for x in xs]
             any_zero |= any(y <= 0 for y in ys)
-            ax.plot(xs, [y if y > 0 else lo for y in ys], marker=marker, ls=ls, color=METHOD_COLORS.get(m, f"C{mi}"), ms=6,
+            ax.plot(xs, [y if y > 0 else lo for y in ys], marker=marker, ls=ls, color=color(m, mi), ms=6,
                     mfc="none" if marker == "v" else None)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -399,7 +420,7 @@ def plot_eps_accounting(rows: list[dict[str, Any]], path: Path) -> Optional[Path
     ax.set_title(("Claimed" if ref else "Target") + " vs accounted" + (" vs empirical" if has_emp else "") + " eps")
     ax.grid(alpha=0.3, which="both")
     used = [s for s in series if any(k == s[0] for (_, k) in pts)]
-    h1 = [Line2D([], [], color=METHOD_COLORS.get(m, f"C{i}"), lw=2, label=label(m)) for i, m in enumerate(methods)]
+    h1 = [Line2D([], [], color=color(m, i), lw=2, label=label(m)) for i, m in enumerate(methods)]
     h2 = [Line2D([], [], color="grey", marker=mk, ls=ls, label=name, mfc="none" if mk == "v" else None)
           for _, name, mk, ls in used] + [Line2D([], [], color="k", ls="--", lw=0.8, label="y = x")]
     leg = ax.legend(handles=h1, fontsize=7, loc="upper left")
@@ -412,10 +433,10 @@ def plot_eps_accounting(rows: list[dict[str, Any]], path: Path) -> Optional[Path
 def plot_rocs(rows: list[dict[str, Any]], path: Path, max_curves: int = 10) -> Optional[Path]:
     """ROC curves of the audits (first seed of each method x eps), when they carry curves."""
     curves = {}
-    for r in sorted(rows, key=lambda r: (method_order([x["method"] for x in rows]).index(r["method"]),
-                                         _eps_sort(r["epsilon"]), r["seed"])):
+    order = method_order(series(x) for x in rows)
+    for r in sorted(rows, key=lambda r: (order.index(series(r)), _eps_sort(r["epsilon"]), r["seed"])):
         roc = r.get("_roc")
-        name = f"{label(r['method'])} eps {eps_label(r['epsilon'])}"
+        name = f"{label(series(r))} eps {eps_label(r['epsilon'])}"
         if roc and name not in curves and len(curves) < max_curves:
             curves[name] = (roc["fpr"], roc["tpr"])
     if not curves:
@@ -498,10 +519,10 @@ def roc_links(rows: list[dict[str, Any]]) -> list[str]:
     if not have:
         return []
     eps = sorted({r["epsilon"] for r in have}, key=_eps_sort)
-    methods = method_order(r["method"] for r in have)
+    methods = method_order(series(r) for r in have)
     first: dict[tuple, dict[str, Any]] = {}
     for r in sorted(have, key=lambda r: r["seed"]):
-        first.setdefault((_row_key(r)[:-1], r["method"], r["epsilon"]), r)
+        first.setdefault((_row_key(r)[:-1], series(r), r["epsilon"]), r)
     lines = ["Membership-inference audit ROC curves (one plot per run; first audited seed):", "",
              "| method | " + " | ".join(f"eps {eps_label(e)}" for e in eps) + " |", "|" + "---|" * (len(eps) + 1)]
     for pkey in dict.fromkeys(_row_key(r)[:-1] for r in have):

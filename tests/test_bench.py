@@ -40,7 +40,9 @@ def test_default_grid_expansion():
     trainable = [m for m in g.methods if m != "zeroshot"]
     assert set(g.methods) == set(ALL_METHODS)
     assert len(g.epsilons) == 4 and g.epsilons[0] is None and len(g.seeds) >= 2
-    assert len(cells) == len(trainable) * len(g.epsilons) * len(g.seeds) + len(g.seeds)
+    n_private = len(g.epsilons) - 1
+    # + zero-shot once per seed + DP-FPL in reference mode at every eps level
+    assert len(cells) == len(trainable) * len(g.epsilons) * len(g.seeds) + len(g.seeds) + n_private * len(g.seeds)
     ids = [c.id for c in cells]
     assert len(set(ids)) == len(ids)
     e = g.epsilons[1]
@@ -54,6 +56,11 @@ def test_default_grid_expansion():
     # per-privacy overrides: the learning rate of clipped (private) vs raw (non-private) gradients
     assert cfg.train.lr == g.private_base["lr"] and nodp.train.lr == g.nonprivate_base["lr"]
     assert {c.config().train.lr for c in g.select(axes={"lr": [0.3]}).cells()} == {0.3}
+    ref = next(c for c in cells if c.id == f"dpfpl_ref{e:g}_s1").config()
+    assert (ref.privacy.privacy, ref.privacy.epsilon, ref.train.lr) == ("reference", e, g.private_base["lr"])
+    assert not [c for c in cells if c.id.startswith("dpfpl_ref") and c.epsilon is None]
+    with pytest.raises(ConfigError, match="private_mode"):
+        tiny_grid(blocks=[{"methods": ["dpfpl"], "private_mode": "public"}]).cells()
 
 
 def test_paper_grid_blocks_and_selection():
@@ -233,6 +240,17 @@ def test_tables_layout_zero_shot_and_reference():
     assert "**85.0 ± 7.1**" in row_none and "70.0 ± 0.0 (n=1)" in row_none
     row_1 = next(x for x in lines if x.startswith("| d | 1 "))
     assert row_1.endswith("| 55.50 |") and "20.0 ± 0.0 (n=1)" in row_1
+
+
+def test_reference_mode_is_its_own_series():
+    """Reference-mode runs of a method are never averaged with its honest runs: own column, own label."""
+    rows = [_row("dpfpl", 1.0, 0, 0.5), _row("dpfpl", 1.0, 0, 0.9), _row("dpfpl", None, 0, 0.8)]
+    rows[1]["privacy"] = "reference"
+    g = group(rows, "local_acc")
+    assert g[("d", 1.0)]["dpfpl"][0] == pytest.approx(0.5) and g[("d", 1.0)]["dpfpl+ref"][0] == pytest.approx(0.9)
+    header = next(x for x in accuracy_table(rows, "local_acc", tiny_grid(seeds=[0]), "Local").splitlines()
+                  if x.startswith("| dataset"))
+    assert header == "| dataset | eps | DP-FPL | DP-FPL (ref. mode) |"
 
 
 # ------------------------------------------------------------------------------------ timing + CLI
