@@ -144,6 +144,8 @@ class GridSpec:
     requires: list[str] = field(default_factory=list)   # "root", "weights"
     notes: list[str] = field(default_factory=list)
     audit: bool = True   # run the audit hook when audits are available
+    audit_attacks: list[str] = field(default_factory=lambda: ["loss"])  # attacks of the audited cells
+    audit_options: dict[str, Any] = field(default_factory=dict)         # audits.audit.AuditSettings fields
     audit_seeds: Optional[list[int]] = None  # audit only the cells of these seeds (None: all)
 
     # ------------------------------------------------------------------ (de)serialisation

@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from dpfpl.errors import ConfigError
 from dpfpl.rundir import atomic_write_json
@@ -82,86 +82,50 @@ def dp_available() -> bool:
 
 # ------------------------------------------------------------------------------------ audit hook
 
-AUDIT_FUNCTIONS = ("run_audit", "audit_run", "audit_run_dir")
-_AUDIT_KEYS = {
-    "auc": ("auc", "audit_auc", "AUC"),
-    "tpr_at_1pct_fpr": ("tpr_at_1pct_fpr", "tpr@1%fpr", "tpr_at_fpr_0.01", "tpr_at_1%_fpr", "tpr_1pct"),
-    "eps_lower_bound": ("eps_lower_bound", "eps_lb", "epsilon_lower_bound", "empirical_eps", "eps_lower"),
-}
+AUDIT_KEYS = ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "eps_lower_bound", "confidence", "epsilon_spent",
+              "epsilon_claimed")
 
 
 def find_audit_hook() -> Optional[Callable[..., dict]]:
-    """``audits.run_audit(run_dir, ...) -> dict`` (or a same-purpose name) when the audits exist.
-
-    Expected result: a mapping with ``auc``, ``tpr_at_1pct_fpr``, ``eps_lower_bound`` (other
-    spellings accepted, see ``_AUDIT_KEYS``) and optionally ``roc = {"fpr": [...], "tpr": [...]}``.
-    The hook is also given ``clip=`` and ``dataset=`` when its signature accepts them."""
+    """:func:`audits.audit.audit_run_dir` (``hook(run_dir, settings=, clip=, dataset=) -> report``),
+    or None where the audits package cannot be imported (the grid then runs without audits)."""
     try:
-        import audits
+        from audits.audit import audit_run_dir
     except ImportError:
         return None
-    for name in AUDIT_FUNCTIONS:
-        fn = getattr(audits, name, None)
-        if callable(fn):
-            return fn
-    for mod in ("audits.run", "audits.audit", "audits.mia"):
-        if importlib.util.find_spec(mod) is None:
-            continue
-        m = importlib.import_module(mod)
-        for name in AUDIT_FUNCTIONS:
-            fn = getattr(m, name, None)
-            if callable(fn):
-                return fn
-    return None
+    return audit_run_dir
 
 
 def _pick(d: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, names in _AUDIT_KEYS.items():
-        for n in names:
-            v = d.get(n)
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[key] = float(v)
-                break
-    return out
+    return {k: (float(d[k]) if isinstance(d[k], (int, float)) and not isinstance(d[k], bool) else d[k])
+            for k in AUDIT_KEYS if k in d}
 
 
-def normalize_audit(result: Any) -> dict[str, Any]:
-    """The audit result with the three headline metrics under fixed names.
-
-    Accepts flat results (``{"auc": ..}``) and the audits package's report, whose ``attacks`` maps
-    each attack to its metrics: the strongest attack (highest eps lower bound, then AUC) is
-    reported, and every attack's metrics are kept under ``attacks``."""
-    if not isinstance(result, dict):
-        result = dict(getattr(result, "__dict__", {}) or {})
-    out: dict[str, Any] = _pick(result)
-    attacks = result.get("attacks")
-    if isinstance(attacks, dict) and attacks:
-        per = {name: {**_pick(r), **({"roc": r["roc"]} if isinstance(r.get("roc"), dict) else {})}
-               for name, r in attacks.items() if isinstance(r, dict)}
-        if per:
-            best = max(per, key=lambda n: (per[n].get("eps_lower_bound", -1.0), per[n].get("auc", -1.0)))
-            out = {**{k: v for k, v in per[best].items() if k != "roc"}, "attack": best, **out}
-            if "roc" in per[best]:
-                result = {**result, "roc": per[best]["roc"]}
-            out["attacks"] = {n: {k: v for k, v in m.items() if k != "roc"} for n, m in per.items()}
-    roc = result.get("roc")
+def normalize_audit(result: dict[str, Any]) -> dict[str, Any]:
+    """The headline of an audit report (``audits`` report: ``attacks`` maps each attack to its
+    metrics): the strongest attack (highest eps lower bound, then AUC) under fixed names, every
+    attack's metrics under ``attacks``, and the strongest attack's ROC curve."""
+    attacks = {n: r for n, r in (result.get("attacks") or {}).items() if isinstance(r, dict) and "auc" in r}
+    if not attacks:
+        return {"error": "the audit report has no attack results"}
+    best = max(attacks, key=lambda n: (attacks[n].get("eps_lower_bound") or 0.0, attacks[n].get("auc") or 0.0))
+    out: dict[str, Any] = {**_pick(attacks[best]), "attack": best,
+                           "attacks": {n: _pick(r) for n, r in attacks.items()}}
+    roc = attacks[best].get("roc")
     if isinstance(roc, dict) and "fpr" in roc and "tpr" in roc:
         out["roc"] = {"fpr": [float(x) for x in roc["fpr"]], "tpr": [float(x) for x in roc["tpr"]]}
-    elif isinstance(roc, (list, tuple)) and len(roc) >= 2:
-        out["roc"] = {"fpr": [float(x) for x in roc[0]], "tpr": [float(x) for x in roc[1]]}
-    out["raw"] = {k: v for k, v in result.items() if k != "roc" and isinstance(v, (int, float, str, bool, type(None)))}
     return out
 
 
-def run_audit(hook: Callable[..., Any], run_dir: Path, clip: Any, dataset: Any) -> dict[str, Any]:
-    try:
-        params = inspect.signature(hook).parameters
-    except (TypeError, ValueError):
-        params = {}
-    kwargs = {k: v for k, v in (("clip", clip), ("dataset", dataset)) if k in params}
+def run_audit(hook: Callable[..., Any], run_dir: Path, clip: Any, dataset: Any,
+              attacks: Sequence[str] = ("loss",), options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Audit a finished cell with ``attacks`` (and :class:`audits.audit.AuditSettings` ``options``);
+    writes ``run_dir/audit.json`` (the headline) beside the audit's own ``run_dir/audit/``."""
+    from audits.audit import AuditSettings
+
+    settings = AuditSettings(attacks=list(attacks), **(options or {}))
     t0 = time.perf_counter()
-    res = normalize_audit(hook(run_dir, **kwargs))
+    res = normalize_audit(hook(run_dir, settings=settings, clip=clip, dataset=dataset))
     res["audit_s"] = time.perf_counter() - t0
     atomic_write_json(run_dir / "audit.json", res)
     return res
@@ -244,8 +208,10 @@ def _median_step_ms(history: list[dict[str, Any]], local_steps: int) -> Optional
 
 
 def run_cell(cell: Cell, runs_dir: Path, res: Resources, emit: Emit = lambda e: None,
-             audit_hook: Optional[Callable[..., Any]] = None, keep_checkpoint: bool = False) -> dict[str, Any]:
-    """Run (or resume) one cell into ``runs_dir/<id>``; returns the harness record (bench.json)."""
+             audit_hook: Optional[Callable[..., Any]] = None, keep_checkpoint: bool = False,
+             audit_attacks: Sequence[str] = ("loss",), audit_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Run (or resume) one cell into ``runs_dir/<id>``; returns the harness record (bench.json).
+    With ``audit_hook``, the finished run is then audited with ``audit_attacks``."""
     import torch
 
     from dpfpl.train import train
@@ -291,7 +257,7 @@ def run_cell(cell: Cell, runs_dir: Path, res: Resources, emit: Emit = lambda e: 
     if audit_hook is not None:
         emit(("status", cell.id, "auditing"))
         try:
-            record["audit"] = run_audit(audit_hook, d, clip, dataset)
+            record["audit"] = run_audit(audit_hook, d, clip, dataset, audit_attacks, audit_options)
         except Exception as exc:  # an audit failure must not lose the finished run
             record["audit_error"] = f"{type(exc).__name__}: {exc}"
             atomic_write_json(d / "audit.json", {"error": record["audit_error"]})
@@ -316,10 +282,14 @@ def _worker_init(q: Any, threads: int) -> None:
     _WORKER["res"] = Resources()
 
 
-def _worker_run(cell: Cell, runs_dir: str, audit: bool, keep_checkpoint: bool) -> dict[str, Any]:
+def _worker_run(cell: Cell, runs_dir: str, audit: Optional[tuple[list[str], dict[str, Any]]],
+                keep_checkpoint: bool) -> dict[str, Any]:
+    """``audit``: (attacks, options), or None for no audit."""
     q = _WORKER["queue"]
     hook = find_audit_hook() if audit else None
-    return run_cell(cell, Path(runs_dir), _WORKER["res"], emit=q.put, audit_hook=hook, keep_checkpoint=keep_checkpoint)
+    attacks, options = audit or (("loss",), {})
+    return run_cell(cell, Path(runs_dir), _WORKER["res"], emit=q.put, audit_hook=hook, keep_checkpoint=keep_checkpoint,
+                    audit_attacks=attacks, audit_options=options)
 
 
 # ------------------------------------------------------------------------------------ progress
@@ -575,7 +545,8 @@ class Harness:
         for cell in todo:
             try:
                 rec = run_cell(cell, self.runs_dir, self.res, emit=prog.handle,
-                               audit_hook=hook if self._audits(cell) else None, keep_checkpoint=self.keep_checkpoints)
+                               audit_hook=hook if self._audits(cell) else None, keep_checkpoint=self.keep_checkpoints,
+                               audit_attacks=self.grid.audit_attacks, audit_options=self.grid.audit_options)
                 result.records[cell.id] = rec
                 result.ran.append(cell.id)
                 prog.handle(rec.pop("done_event"))
@@ -598,7 +569,9 @@ class Harness:
                                  initargs=(q, threads))
         # longest cells first: the grid's makespan is then close to total work / jobs
         order = sorted(todo, key=cell_weight, reverse=True)
-        futures = {ex.submit(_worker_run, c, str(self.runs_dir), self._audits(c), self.keep_checkpoints): c
+        audit = (list(self.grid.audit_attacks), dict(self.grid.audit_options))
+        futures = {ex.submit(_worker_run, c, str(self.runs_dir), audit if self._audits(c) else None,
+                             self.keep_checkpoints): c
                    for c in order}
         pending = set(futures)
         try:

@@ -16,7 +16,8 @@
     setting, ResNet-50 CLIP, 200 rounds). Needs ``--root`` and local RN50 weights.
 
 A custom grid is a TOML or JSON file: a ``[bench]`` table with :class:`~bench.grid.GridSpec` keys
-(``preset`` to start from an embedded grid), and any RunConfig options (by section or flat) that
+(``preset`` to start from an embedded grid; its ``methods`` / ``epsilons`` / ``seeds`` then narrow
+the preset's blocks as the CLI flags do), and any RunConfig options (by section or flat) that
 become the grid's ``base``::
 
     [bench]
@@ -217,8 +218,11 @@ def load_grid_file(path: str | Path, preset: Optional[str] = None) -> GridSpec:
         raise ConfigError(f"{path}: unknown [bench] key(s) {unknown}; known: {sorted(set(d))}")
     if "base" in bench:
         bench["base"] = {**d["base"], **_flatten_config(bench["base"], f"{path} [bench.base]")}
+    # lists narrowing a preset narrow its blocks too (as --methods / --epsilons / --seeds do)
+    narrow = {k: bench.pop(k) for k in ("methods", "epsilons", "seeds") if k in bench and start and "blocks" not in bench}
     d.update(bench)
     d["base"] = {**d["base"], **_flatten_config(data, str(path))}
     if "name" not in bench:
         d["name"] = Path(path).stem
-    return GridSpec.from_dict(d)
+    g = GridSpec.from_dict(d)
+    return g.select(**narrow) if narrow else g

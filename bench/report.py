@@ -385,12 +385,12 @@ def plot_eps_accounting(rows: list[dict[str, Any]], path: Path) -> Optional[Path
     from matplotlib.lines import Line2D
 
     methods = method_order(series(r) for r in priv)
-    series = [("epsilon_rdp", "accounted (RDP)", "o", "-"), ("epsilon_pld", "accounted (PLD)", "x", ":"),
+    kinds = [("epsilon_rdp", "accounted (RDP)", "o", "-"), ("epsilon_pld", "accounted (PLD)", "x", ":"),
               ("audit_eps_lower_bound", "empirical (audit lower bound)", "v", "none")]
     pts: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in priv:
         x = r.get("epsilon_claimed") or r["epsilon"]
-        for key, *_ in series:
+        for key, *_ in kinds:
             if r.get(key) is not None:
                 pts[(series(r), key)][float(x)].append(float(r[key]))
     pos = [y for d in pts.values() for ys in d.values() for y in ys if y > 0] + \
@@ -401,7 +401,7 @@ def plot_eps_accounting(rows: list[dict[str, Any]], path: Path) -> Optional[Path
     ax.plot([lo, hi], [lo, hi], color="k", lw=0.8, ls="--")
     any_zero = False
     for mi, m in enumerate(methods):
-        for key, _, marker, ls in series:
+        for key, _, marker, ls in kinds:
             d = pts.get((m, key))
             if not d:
                 continue
@@ -419,7 +419,7 @@ def plot_eps_accounting(rows: list[dict[str, Any]], path: Path) -> Optional[Path
     has_emp = any(r.get("audit_eps_lower_bound") is not None for r in priv)
     ax.set_title(("Claimed" if ref else "Target") + " vs accounted" + (" vs empirical" if has_emp else "") + " eps")
     ax.grid(alpha=0.3, which="both")
-    used = [s for s in series if any(k == s[0] for (_, k) in pts)]
+    used = [s for s in kinds if any(k == s[0] for (_, k) in pts)]
     h1 = [Line2D([], [], color=color(m, i), lw=2, label=label(m)) for i, m in enumerate(methods)]
     h2 = [Line2D([], [], color="grey", marker=mk, ls=ls, label=name, mfc="none" if mk == "v" else None)
           for _, name, mk, ls in used] + [Line2D([], [], color="k", ls="--", lw=0.8, label="y = x")]

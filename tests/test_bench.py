@@ -117,7 +117,9 @@ def test_grid_file(tmp_path):
     g = load_grid_file(f)
     assert g.name == "g" and g.base["rounds"] == 2 and g.base["dataset"] == "synthetic"
     ids = {c.id for c in g.cells()}
-    assert ids == {f"r{r}_{m}_{e}_s3" for r in (1, 2) for m in ("dpfpl", "promptfl") for e in ("nodp", "eps1")}
+    # the preset's reference-mode block is narrowed to the file's eps list
+    assert ids == {f"r{r}_{m}_{e}_s3" for r in (1, 2) for m in ("dpfpl", "promptfl") for e in ("nodp", "eps1")} | \
+        {f"r{r}_dpfpl_ref1_s3" for r in (1, 2)}
     f.write_text("[bench]\nbogus = 1\n")
     with pytest.raises(ConfigError, match="bogus"):
         load_grid_file(f)
@@ -198,22 +200,22 @@ def test_private_cell_and_privacy_outputs(tmp_path, tiny_clip, tiny_dataset):
 def test_audit_hook_called_and_normalised(tmp_path, tiny_clip, tiny_dataset, monkeypatch):
     calls = []
 
-    def fake_audit(run_dir, clip=None, dataset=None):
-        calls.append((Path(run_dir).name, clip is tiny_clip, dataset is tiny_dataset))
+    def fake_audit(run_dir, settings=None, clip=None, dataset=None):
+        calls.append((Path(run_dir).name, clip is tiny_clip, dataset is tiny_dataset, tuple(settings.attacks)))
         return {"attacks": {"loss": {"auc": 0.6, "tpr_at_1pct_fpr": 0.02, "eps_lower_bound": 0.1},
                             "lira": {"auc": 0.7, "tpr_at_1pct_fpr": 0.05, "eps_lower_bound": 0.4,
                                      "roc": {"fpr": [0, 0.5, 1], "tpr": [0, 0.8, 1]}}}}
 
     monkeypatch.setattr("bench.harness.find_audit_hook", lambda: fake_audit)
     out = tmp_path / "res"
-    h = Harness(tiny_grid(methods=["local"], seeds=[0]), out, progress=False, audit=True, clip=tiny_clip,
-                dataset=tiny_dataset, threads=1)
+    h = Harness(tiny_grid(methods=["local"], seeds=[0], audit_attacks=["loss", "lira"], audit_options={"shadows": 2}),
+                out, progress=False, audit=True, clip=tiny_clip, dataset=tiny_dataset, threads=1)
     h.run()
-    assert calls == [("local_nodp_s0", True, True)]
+    assert calls == [("local_nodp_s0", True, True, ("loss", "lira"))]
     rows = list(csv.DictReader((out / "runs.csv").open()))
     assert float(rows[0]["audit_auc"]) == 0.7 and float(rows[0]["audit_eps_lower_bound"]) == 0.4
     assert "audit AUC" in (out / "table_privacy.md").read_text()
-    assert normalize_audit({"AUC": 0.5, "eps_lb": 0.0})["auc"] == 0.5
+    assert "error" in normalize_audit({"attacks": {}})
 
 
 # ------------------------------------------------------------------------------------ report pieces
@@ -295,5 +297,5 @@ def test_cli_options_reach_every_cell():
     args = build_parser().parse_args(["bench", "--lr", "0.3", "--rounds", "2", "--method", "dpfpl", "--seed", "4",
                                       "--epsilons", "none", "1"])
     cells = build_grid(args).cells()
-    assert sorted(c.id for c in cells) == ["dpfpl_eps1_s4", "dpfpl_nodp_s4"]
+    assert sorted(c.id for c in cells) == ["dpfpl_eps1_s4", "dpfpl_nodp_s4", "dpfpl_ref1_s4"]  # + the preset's reference block
     assert {(c.config().train.lr, c.config().train.rounds) for c in cells} == {(0.3, 2)}
