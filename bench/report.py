@@ -114,6 +114,7 @@ def collect_rows(cells: Sequence[Cell], runs_dir: Path) -> list[dict[str, Any]]:
                 row[k] = v
         row["_roc"] = audit.get("roc")
         row["_roc_png"] = f"runs/{c.id}/audit/roc.png" if (d / "audit" / "roc.png").is_file() else None
+        row["_audit_attacks"] = audit.get("attacks") or {}
         row["_axes"] = [k for k, _ in c.axes if k != "dataset"]
         rows.append(row)
     return rows
@@ -278,6 +279,46 @@ def privacy_table(rows: list[dict[str, Any]]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if not groups:
         lines.append("| (no private cells) |" + " |" * (len(head) - 1))
+    return "\n".join(lines) + "\n"
+
+
+def audit_verdict(lb: Optional[float], r: dict[str, Any]) -> str:
+    """What an empirical lower bound says about the run's eps: above the accountant's eps in our own
+    mode is a bug (mechanism or accountant); above the claimed eps in reference mode refutes the claim."""
+    if lb is None:
+        return ""
+    if r.get("privacy") == "reference" and r.get("epsilon_claimed") is not None and lb > r["epsilon_claimed"]:
+        return "**claim refuted** (bound > claimed eps)"
+    if r.get("privacy") == "dp" and r.get("epsilon_rdp") is not None and lb > r["epsilon_rdp"] * (1 + 1e-9):
+        return "**BUG** (bound > accounted eps)"
+    return "consistent" if r.get("privacy") in ("dp", "reference") else "no eps to test (non-private)"
+
+
+def audit_table(rows: list[dict[str, Any]]) -> Optional[str]:
+    """Every audited run x attack: AUC, TPR at 1% / 0.1% FPR, empirical eps lower bound, beside the
+    accountant's eps (and the claim in reference mode). None when no run carries per-attack results."""
+    audited = [r for r in rows if r.get("_audit_attacks")]
+    if not audited:
+        return None
+    axes = rows[0].get("_axes", []) if rows else []
+    head = ["dataset", *axes, "method", "seed", "eps target", "eps claimed", "eps accounted (RDP)", "attack", "AUC",
+            "TPR@1%FPR", "TPR@0.1%FPR", "eps lower bound", "verdict"]
+    lines = ["### Audits: every attack on every audited run", "",
+             "Empirical eps lower bounds hold at the stated confidence (see each run's `audit/audit.md`); "
+             "they are compared with the accountant's eps of the same run (and with the claim in reference mode).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = method_order(series(r) for r in audited)
+    audited.sort(key=lambda r: (str(r["dataset"]), [_sortable(r.get(a)) for a in axes], order.index(series(r)),
+                                _eps_sort(r["epsilon"]), r["seed"]))
+    for r in audited:
+        for name, a in r["_audit_attacks"].items():
+            conf = a.get("confidence")
+            lb = a.get("eps_lower_bound")
+            lines.append("| " + " | ".join([
+                str(r["dataset"]), *[str(r.get(x)) for x in axes], label(series(r)), str(r["seed"]),
+                eps_label(r["epsilon"]), _fmt_num(r.get("epsilon_claimed")), _fmt_num(r.get("epsilon_rdp")), name,
+                _fmt_num(a.get("auc")), _fmt_num(a.get("tpr_at_1pct_fpr")), _fmt_num(a.get("tpr_at_0.1pct_fpr")),
+                _fmt_num(lb) + (f" ({100 * conf:g}%)" if conf else ""), audit_verdict(lb, r)]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -499,15 +540,18 @@ def readme(out: Path, grid: GridSpec, cells: Sequence[Cell], rows: list[dict[str
     lines.append(f"- written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     if grid.notes:
         lines += ["", "Notes on the preset:", ""] + [f"- {n}" for n in grid.notes]
-    lines += ["", "## Accuracy", "", tables["local"], tables["neighbor"], "## Privacy", "", tables["privacy"],
-              "## Cost", "", tables["cost"], "## Plots", ""]
+    lines += ["", "## Accuracy", "", tables["local"], tables["neighbor"], "## Privacy", "", tables["privacy"]]
+    if "audit" in tables:
+        lines += [tables["audit"]]
+    lines += ["## Cost", "", tables["cost"], "## Plots", ""]
     for name, p in plots.items():
         if p is not None:
             lines += [f"![{name}]({p.name})", ""]
     if plots.get("audit ROC") is None:
         lines += roc_links(rows)
     lines += ["## Files", "", "- `runs.csv`: one row per run (accuracies as fractions; eps blank = non-private)",
-              "- `table_local.md`, `table_neighbor.md`, `table_privacy.md`, `table_cost.md`",
+              "- `table_local.md`, `table_neighbor.md`, `table_privacy.md`, `table_cost.md`"
+              + (", `table_audit.md`" if "audit" in tables else ""),
               "- `runs/<cell>/`: each run directory (config, metrics, ledger, prompts, summary) with `cell.json`, "
               "`bench.json` (device, timings, memory) and `audit.json` when audited", ""]
     return "\n".join(lines)
@@ -549,6 +593,11 @@ def write_report(out: str | Path, grid: GridSpec, cells: Sequence[Cell], command
               "neighbor": accuracy_table(rows, "neighbor_acc", grid,
                                          "Neighbour accuracy (test images of the other clients' classes)"),
               "privacy": privacy_table(rows), "cost": cost_table(rows)}
+    audits = audit_table(rows)
+    if audits is not None:
+        tables["audit"] = audits
+    elif (out / "table_audit.md").exists():
+        (out / "table_audit.md").unlink()
     for name, text in tables.items():
         p = out / f"table_{name}.md"
         atomic_write_bytes(p, text.encode())

@@ -215,6 +215,8 @@ def test_audit_hook_called_and_normalised(tmp_path, tiny_clip, tiny_dataset, mon
     rows = list(csv.DictReader((out / "runs.csv").open()))
     assert float(rows[0]["audit_auc"]) == 0.7 and float(rows[0]["audit_eps_lower_bound"]) == 0.4
     assert "audit AUC" in (out / "table_privacy.md").read_text()
+    audit_rows = [x for x in (out / "table_audit.md").read_text().splitlines() if x.startswith("| synthetic")]
+    assert len(audit_rows) == 2 and "| lira | 0.7 | 0.05 |" in audit_rows[1]
     assert "error" in normalize_audit({"attacks": {}})
 
 
