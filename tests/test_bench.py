@@ -63,6 +63,18 @@ def test_default_grid_expansion():
         tiny_grid(blocks=[{"methods": ["dpfpl"], "private_mode": "public"}]).cells()
 
 
+def test_audits_preset():
+    g = get_preset("audits")
+    ids = sorted(c.id for c in g.cells())
+    assert ids == sorted(["dpfpl_nodp_s0", "dpfpl_eps4_s0", "dpfpl_eps1_s0", "dpfpl_eps0.25_s0", "dpfpl_ref4_s0",
+                          "dpfpl_ref1_s0", "dpfpl_ref0.25_s0"])
+    assert set(g.audit_attacks) == {"loss", "shadow", "lira", "rmia", "canary", "gradient-canary"}
+    assert all(g.audits_cell(c) for c in g.cells())
+    from audits.audit import AuditSettings
+
+    AuditSettings(attacks=g.audit_attacks, **g.audit_options).validate()  # the preset's settings are valid
+
+
 def test_paper_grid_blocks_and_selection():
     g = get_preset("paper")
     cells = g.cells()
