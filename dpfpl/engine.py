@@ -46,7 +46,26 @@ def build_privacy(cfg: RunConfig, engine: "Engine"):
     return build_dp_privacy(cfg, engine)
 
 
-class Engine:
+class EngineRecord:
+    """What every engine (in-process, Flower) keeps the same way: the round history, the final
+    metrics and the checkpoint layout (``round``, ``server``, ``clients``, ``privacy``, ``history``,
+    ``stopped_reason``), so that a checkpoint of one engine resumes on the other."""
+
+    round: int
+    history: list[dict[str, Any]]
+    stopped_reason: Optional[str]
+
+    def final_metrics(self) -> dict[str, Any]:
+        evaluated = [r for r in self.history if "local_acc" in r]
+        return evaluated[-1] if evaluated else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "server": self.server.state_dict(),
+                "clients": [c.state_dict() for c in self.clients], "privacy": self.privacy.state_dict(),
+                "history": self.history, "stopped_reason": self.stopped_reason}
+
+
+class Engine(EngineRecord):
     def __init__(self, cfg: RunConfig, clip: Optional[FrozenClip] = None, dataset: Optional[Dataset] = None,
                  on_status: Optional[Callable[[str], None]] = None,
                  clients_data: Optional[list[ClientData]] = None):
@@ -181,16 +200,7 @@ class Engine:
                 cb.on_round_end(self, row)
         return self.final_metrics()
 
-    def final_metrics(self) -> dict[str, Any]:
-        evaluated = [r for r in self.history if "local_acc" in r]
-        return evaluated[-1] if evaluated else {}
-
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        return {"round": self.round, "server": self.server.state_dict(),
-                "clients": [c.state_dict() for c in self.clients], "privacy": self.privacy.state_dict(),
-                "history": self.history, "stopped_reason": self.stopped_reason}
-
     def load_state_dict(self, s: dict[str, Any]) -> None:
         self.round = s["round"]
         self.server.load_state_dict(s["server"])

@@ -30,6 +30,29 @@ def summarize(engine: Engine, wall_s: float) -> dict[str, Any]:
     }
 
 
+def open_run(cfg: Optional[RunConfig], out: Optional[str | Path], resume: Optional[str | Path],
+             overrides: Optional[dict[str, Any]]) -> tuple[RunConfig, Optional[RunDir], Optional[dict[str, Any]]]:
+    """(config, run directory or None, checkpoint state or None) of a new or resumed run, for every
+    engine. A resumed run keeps its saved config; only ``rounds`` may be raised."""
+    if resume is not None:
+        rd = RunDir(resume)
+        cfg = rd.load_config()
+        if overrides:
+            extra = set(overrides) - {"rounds"}
+            if extra:
+                raise ConfigError(f"--resume continues the saved config; only --rounds may change (got {sorted(extra)})")
+            cfg.update(overrides)
+        return cfg.validate(), rd, rd.load_checkpoint()
+    cfg = cfg or RunConfig()
+    if overrides:
+        cfg.update(overrides)
+    cfg.validate()
+    rd = RunDir(out) if out is not None else None
+    if rd is not None:
+        rd.start(cfg)
+    return cfg, rd, None
+
+
 def train(cfg: Optional[RunConfig] = None, out: Optional[str | Path] = None, resume: Optional[str | Path] = None,
           overrides: Optional[dict[str, Any]] = None, callbacks: tuple = (),
           on_status: Optional[Callable[[str], None]] = None,
@@ -39,24 +62,7 @@ def train(cfg: Optional[RunConfig] = None, out: Optional[str | Path] = None, res
     ``out``/``resume`` name the run directory; ``engine_kwargs`` (clip, dataset, clients_data) go to
     :class:`~dpfpl.engine.Engine`."""
     t0 = time.perf_counter()
-    if resume is not None:
-        rd = RunDir(resume)
-        cfg = rd.load_config()
-        if overrides:
-            extra = set(overrides) - {"rounds"}
-            if extra:
-                raise ConfigError(f"--resume continues the saved config; only --rounds may change (got {sorted(extra)})")
-            cfg.update(overrides)
-        state = rd.load_checkpoint()
-    else:
-        cfg = cfg or RunConfig()
-        if overrides:
-            cfg.update(overrides)
-        cfg.validate()
-        rd = RunDir(out) if out is not None else None
-        state = None
-        if rd is not None:
-            rd.start(cfg)
+    cfg, rd, state = open_run(cfg, out, resume, overrides)
     engine = Engine(cfg, on_status=on_status, **engine_kwargs)
     if state is not None:
         engine.load_state_dict(state)

@@ -241,34 +241,19 @@ def handle(op: str, msg: Message, context: Context) -> Message:
 client_app = ClientApp()
 
 
-@client_app.query("hello")
-def _hello(msg: Message, context: Context) -> Message:
-    return handle("hello", msg, context)
+def _register(kind: str, op: str, action: Optional[str] = None) -> None:
+    """``client_app.<kind>(action)`` -> :func:`handle` of ``op`` (kind: query / train / evaluate)."""
+    def fn(msg: Message, context: Context) -> Message:
+        return handle(op, msg, context)
+
+    fn.__name__ = f"_{kind}_{op}"
+    decorator = getattr(client_app, kind)
+    (decorator(action) if action else decorator())(fn)
 
 
-@client_app.query("state")
-def _state(msg: Message, context: Context) -> Message:
-    return handle("state", msg, context)
-
-
-@client_app.query("restore")
-def _restore(msg: Message, context: Context) -> Message:
-    return handle("restore", msg, context)
-
-
-@client_app.train("step")
-def _train_step(msg: Message, context: Context) -> Message:
-    return handle("step", msg, context)
-
-
-@client_app.train("fedavg")
-def _train_fedavg(msg: Message, context: Context) -> Message:
-    return handle("fedavg", msg, context)
-
-
-@client_app.evaluate()
-def _evaluate(msg: Message, context: Context) -> Message:
-    return handle("evaluate", msg, context)
+for _kind, _op, _action in (("query", "hello", "hello"), ("query", "state", "state"), ("query", "restore", "restore"),
+                            ("train", "step", "step"), ("train", "fedavg", "fedavg"), ("evaluate", "evaluate", None)):
+    _register(_kind, _op, _action)
 
 
 # ================================================================================== server side

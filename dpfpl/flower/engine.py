@@ -43,11 +43,12 @@ import torch
 
 from ..config import RunConfig
 from ..data.partition import ClientData
-from ..engine import build_privacy
+from ..engine import EngineRecord, build_privacy
 from ..errors import ConfigError, DpfplError
 from ..federation import Client, Server, TrainSettings
 from ..methods import get_method
 from ..rundir import RunDir
+from ..train import open_run
 from ..sampling import BatchSampler
 
 FLOWER_HINT = "pip install 'dpfpl[flower]'"
@@ -171,7 +172,7 @@ class ClientRecord:
         self.last_local_idx = torch.zeros(int(batch_len), dtype=torch.long)
 
 
-class FlowerEngine:
+class FlowerEngine(EngineRecord):
     """The federation as the server sees it; duck-types :class:`dpfpl.engine.Engine` for
     :class:`~dpfpl.rundir.RunDir`, :func:`~dpfpl.train.summarize` and progress callbacks.
 
@@ -214,15 +215,9 @@ class FlowerEngine:
     def zeroshot(self) -> dict[str, Any]:
         return self._zeroshot
 
-    def final_metrics(self) -> dict[str, Any]:
-        evaluated = [r for r in self.history if "local_acc" in r]
-        return evaluated[-1] if evaluated else {}
-
     def state_dict(self) -> dict[str, Any]:
         self.sync_privacy()
-        return {"round": self.round, "server": self.server.state_dict(),
-                "clients": [c.state_dict() for c in self.clients], "privacy": self.privacy.state_dict(),
-                "history": self.history, "stopped_reason": self.stopped_reason}
+        return super().state_dict()
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
         """Load a checkpoint (of either engine); client snapshots then go back to the clients."""
@@ -513,25 +508,7 @@ def run_flower(cfg: Optional[RunConfig] = None, out: Optional[str | Path] = None
                           f"{sorted(engine_kwargs)} cannot be passed (use the in-process engine)")
     require_flwr()
     t0 = time.perf_counter()
-    checkpoint = None
-    if resume is not None:
-        rd: Optional[RunDir] = RunDir(resume)
-        cfg = rd.load_config()
-        if overrides:
-            extra = set(overrides) - {"rounds"}
-            if extra:
-                raise ConfigError(f"--resume continues the saved config; only --rounds may change (got {sorted(extra)})")
-            cfg.update(overrides)
-        checkpoint = rd.load_checkpoint()
-    else:
-        cfg = cfg or RunConfig()
-        if overrides:
-            cfg.update(overrides)
-        cfg.validate()
-        rd = RunDir(out) if out is not None else None
-        if rd is not None:
-            rd.start(cfg)
-    cfg.validate()
+    cfg, rd, checkpoint = open_run(cfg, out, resume, overrides)
     policy = policy or FaultPolicy()
     n_images = _preflight(cfg)
     cpus, actors, note = plan_resources(cfg, n_images, client_cpus, num_cpus, client_gpus)
