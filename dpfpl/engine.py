@@ -51,6 +51,7 @@ class EngineRecord:
     metrics and the checkpoint layout (``round``, ``server``, ``clients``, ``privacy``, ``history``,
     ``stopped_reason``), so that a checkpoint of one engine resumes on the other."""
 
+    engine_name = "inprocess"  # summary.json "engine"
     round: int
     history: list[dict[str, Any]]
     stopped_reason: Optional[str]

@@ -17,7 +17,7 @@ def summarize(engine: Engine, wall_s: float) -> dict[str, Any]:
     cfg = engine.cfg
     steps = sum(c.steps for c in engine.clients)
     return {
-        "method": cfg.train.method, "dataset": cfg.data.dataset, "rounds": engine.round if engine.method.trainable
+        "engine": engine.engine_name, "method": cfg.train.method, "dataset": cfg.data.dataset, "rounds": engine.round if engine.method.trainable
         else 0, "rounds_planned": cfg.train.rounds, "seed": cfg.train.seed, "protocol": engine.protocol,
         "num_clients": cfg.data.num_clients, "local_steps": engine.local_steps,
         "local_acc": final.get("local_acc"), "neighbor_acc": final.get("neighbor_acc"),

@@ -200,7 +200,7 @@ def test_flower_apps_equal_inprocess(tmp_path, tiny_clip, tiny_dataset, make_cfg
         elif a.exists():
             assert json.loads(a.read_text()) == json.loads(b.read_text()), name
     sf, si = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("fl", "ip"))
-    assert sf.pop("engine") == "flower" and "flower" in sf
+    assert (sf.pop("engine"), si.pop("engine")) == ("flower", "inprocess") and "flower" in sf
     sf.pop("flower")
     for k in ("wall_s", "train_s"):
         sf.pop(k), si.pop(k)

@@ -717,7 +717,6 @@ def serve(grid: Grid, job: Job) -> dict[str, Any]:
     strategy.start(grid)
     e = strategy.engine
     summary = summarize(e, time.perf_counter() - job.t0)
-    summary["engine"] = "flower"
     summary["flower"] = strategy.report()
     if job.rd is not None:
         job.rd.finish(e, summary)

@@ -181,6 +181,8 @@ class FlowerEngine(EngineRecord):
     generator) as every client's copy of the in-process engine builds it (the clients must agree).
     """
 
+    engine_name = "flower"
+
     def __init__(self, cfg: RunConfig, clients_data: list[ClientData], dataset_name: str, protocol: str,
                  local_steps: int, server_state: dict[str, Any], zeroshot: dict[str, Any]):
         t, d = cfg.train, cfg.data
