@@ -1,6 +1,7 @@
 """``dpfpl bench``: run a benchmark grid and write tables, plots and a README under results/.
 
     dpfpl bench                                  # the default grid -> results/default/
+    dpfpl bench --preset audits                  # every attack on DP-FPL, DP vs reference mode
     dpfpl bench --preset paper --root DATA --pretrained /path/ViT-B-16.pt
     dpfpl bench --config my_grid.toml            # a custom grid (see bench.presets)
     dpfpl bench --methods dpfpl promptfl --epsilons none 2 --seeds 0 1 --rounds 3
@@ -24,9 +25,11 @@ from dpfpl.errors import ConfigError
 def add_parser(sub) -> argparse.ArgumentParser:
     from dpfpl.cli import add_config_options
 
+    from .presets import preset_names
+
     p = sub.add_parser("bench", help="run a benchmark grid (method x eps x seed) and write tables and plots",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=None, help="embedded grid: default, paper, cifar100 (default: default)")
+    p.add_argument("--preset", default=None, help=f"embedded grid: {', '.join(preset_names())} (default: default)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="TOML/JSON grid file ([bench] table + run options); see bench/presets.py")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: results/<preset>)")
