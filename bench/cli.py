@@ -123,9 +123,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       command=command_line(), keep_going=args.keep_going,
                       keep_checkpoints=args.keep_checkpoints)
     if args.dry_run:
-        cells, status, pending = harness.plan()
+        cells, status = harness.plan()
         for c in cells:
-            print(f"{c.id:40s} {'pending (no DP mode)' if c.id in pending else status[c.id]}")
+            print(f"{c.id:40s} {status[c.id]}")
         print(f"{len(cells)} cells -> {out}")
         return 0
     if args.report_only:
@@ -148,7 +148,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
               "rerun the same command to continue", file=sys.stderr)
         return 130
     print(f"{len(result.ran)} cell(s) run, {len(result.skipped)} skipped (finished)"
-          + (f", {len(result.pending)} pending (no DP mode in this checkout)" if result.pending else "")
           + (f", {len(result.failed)} failed" if result.failed else "")
           + f" in {result.wall_s:.1f} s; report: {out / 'README.md'}")
     return 1 if result.failed else 0

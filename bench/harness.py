@@ -75,11 +75,6 @@ class Resources:
         return self._data[key]
 
 
-def dp_available() -> bool:
-    """Whether this checkout has the DP training mode (``dpfpl.privacy.dp``)."""
-    return importlib.util.find_spec("dpfpl.privacy.dp") is not None
-
-
 # ------------------------------------------------------------------------------------ audit hook
 
 AUDIT_KEYS = ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "eps_lower_bound", "confidence", "epsilon_spent",
@@ -413,7 +408,6 @@ class BenchResult:
     cells: list[Cell]
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-    pending: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     wall_s: float = 0.0
     cpu_s: Optional[float] = None      # user + system CPU of this process and its (finished) workers
@@ -449,14 +443,10 @@ class Harness:
         return bool(self.audit) and self.grid.audits_cell(cell)
 
     # ------------------------------------------------------------------ planning
-    def plan(self) -> tuple[list[Cell], dict[str, str], list[str]]:
-        """(cells, status per cell id, pending cell ids)."""
+    def plan(self) -> tuple[list[Cell], dict[str, str]]:
+        """(cells, status per cell id)."""
         cells = self.grid.cells()
-        status = {c.id: cell_status(c, self.runs_dir) for c in cells}
-        pending = []
-        if not dp_available():
-            pending = [c.id for c in cells if c.private and status[c.id] != "done"]
-        return cells, status, pending
+        return cells, {c.id: cell_status(c, self.runs_dir) for c in cells}
 
     def preflight(self, cells: list[Cell], todo: list[Cell]) -> None:
         """Fail fast: every config valid, datasets and weights present (loaded once, reused)."""
@@ -504,7 +494,7 @@ class Harness:
             torch.set_num_threads(threads_before)
 
     def _run(self, t0: float, report: bool) -> BenchResult:
-        cells, status, pending = self.plan()
+        cells, status = self.plan()
         changed = [c for c in cells if status[c.id] == "changed"]
         if changed and not self.rerun_changed:
             c = changed[0]
@@ -513,20 +503,17 @@ class Harness:
                 f"(e.g. {c.id}: {spec_diff(c, self.runs_dir / c.id)}); pass --rerun-changed to run them again, "
                 f"or --out DIR to keep both")
         done = {cid for cid, s in status.items() if s == "done"}
-        todo = [c for c in cells if c.id not in done and c.id not in pending]
-        result = BenchResult(self.out, cells, skipped=sorted(done), pending=pending, jobs=self.jobs)
+        todo = [c for c in cells if c.id not in done]
+        result = BenchResult(self.out, cells, skipped=sorted(done), jobs=self.jobs)
         self.out.mkdir(parents=True, exist_ok=True)
         self.write_grid(cells, status)
         self.preflight(cells, todo)
         hook = find_audit_hook() if self.audit else None
-        prog = GridProgress(cells, done | set(pending), enabled=self.show_progress, stream=self.stream)
+        prog = GridProgress(cells, done, enabled=self.show_progress, stream=self.stream)
         try:
             with prog:
                 if done:
                     prog.log(f"{len(done)} finished cell(s) in {self.runs_dir} skipped")
-                if pending:
-                    prog.log(f"{len(pending)} private cell(s) pending: this checkout has no DP training mode "
-                             "(dpfpl.privacy.dp)")
                 if self.jobs == 1:
                     self._run_serial(todo, prog, hook, result)
                 else:
@@ -665,4 +652,4 @@ def command_line(argv: Optional[list[str]] = None) -> str:
 
 
 __all__ = ["Harness", "BenchResult", "Resources", "run_cell", "cell_status", "find_audit_hook", "normalize_audit",
-           "dp_available", "default_out", "command_line", "eps_label"]
+           "default_out", "command_line", "eps_label"]

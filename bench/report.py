@@ -61,7 +61,14 @@ def label(method: str) -> str:
 
 
 def color(method: str, i: int = 0) -> str:
-    return METHOD_COLORS.get(_base(method), f"C{i % 10}")
+    """Plot colour: the method's, black for a reference-mode series."""
+    if method.endswith(REF_SUFFIX):
+        return "k"
+    return METHOD_COLORS.get(method, f"C{i % 10}")
+
+
+def linestyle(method: str) -> str:
+    return "--" if method == "dpfpl-nores" else (":" if method.endswith(REF_SUFFIX) else "-")
 
 
 def method_order(methods: Iterable[str]) -> list[str]:
@@ -399,7 +406,7 @@ def plot_acc_vs_eps(rows: list[dict[str, Any]], path: Path, max_panels: int = 12
                 ys = [100 * s[0] for _, s in pts]
                 es = [100 * s[1] for _, s in pts]
                 ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=2, color=colors[m], label=label(m),
-                            ls="--" if m == "dpfpl-nores" else "-")
+                            ls=linestyle(m))
             ax.set_xscale("log")
             ticks = eps_vals + [x_np]
             ax.set_xticks(ticks)
@@ -455,10 +462,10 @@ def plot_eps_accounting(rows: list[dict[str, Any]], path: Path) -> Optional[Path
     ax.set_yscale("log")
     ax.set_ylim(lo / 1.5, hi)
     ref = any(r.get("epsilon_claimed") is not None for r in priv)
-    ax.set_xlabel("claimed eps (reference mode)" if ref else "target eps")
+    ax.set_xlabel("target eps" + (" (reference mode: claimed eps)" if ref else ""))
     ax.set_ylabel("eps" + (" (lower bound 0 drawn on the bottom edge)" if any_zero else ""))
     has_emp = any(r.get("audit_eps_lower_bound") is not None for r in priv)
-    ax.set_title(("Claimed" if ref else "Target") + " vs accounted" + (" vs empirical" if has_emp else "") + " eps")
+    ax.set_title(("Target / claimed" if ref else "Target") + " vs accounted" + (" vs empirical" if has_emp else "") + " eps")
     ax.grid(alpha=0.3, which="both")
     used = [s for s in kinds if any(k == s[0] for (_, k) in pts)]
     h1 = [Line2D([], [], color=color(m, i), lw=2, label=label(m)) for i, m in enumerate(methods)]
@@ -527,16 +534,21 @@ def readme(out: Path, grid: GridSpec, cells: Sequence[Cell], rows: list[dict[str
     lines += _grid_lines(grid, cells)
     lines += [f"- finished cells: {finished} of {len(cells)}; device: {'; '.join(devices) or '-'}",
               f"- sum of cell wall times: {total_cell_s:.1f} s"]
+    inv = out / "invocation.json"
     if result is not None:
         cpu = f", {result.cpu_s:.0f} s CPU (user + system, workers included)" if result.cpu_s is not None else ""
         load = ""
         if result.loadavg and None not in result.loadavg:
             load = (f"; 1-min load average {result.loadavg[0]:.1f} at start, {result.loadavg[1]:.1f} at end on "
                     f"{_cpus()} core(s) (above the core count = shared with other work, so wall times are inflated)")
-        lines.append(f"- last invocation: {result.wall_s:.1f} s wall{cpu} with {result.jobs} worker process(es), "
-                     f"{len(result.ran)} cell(s) run, {len(result.skipped)} skipped as finished{load}"
-                     + (f", {len(result.pending)} pending (no DP mode in this checkout)" if result.pending else "")
-                     + (f", {len(result.failed)} failed" if result.failed else ""))
+        line = (f"- last invocation: {result.wall_s:.1f} s wall{cpu} with {result.jobs} worker process(es), "
+                f"{len(result.ran)} cell(s) run, {len(result.skipped)} skipped as finished{load}"
+                + (f", {len(result.failed)} failed" if result.failed else ""))
+        atomic_write_bytes(inv, json.dumps({"line": line, "wall_s": result.wall_s, "cpu_s": result.cpu_s,
+                                            "jobs": result.jobs, "ran": len(result.ran)}, indent=1).encode())
+        lines.append(line)
+    elif (prev := _read_json(inv)) is not None:  # --report-only: keep the producing run's figures
+        lines.append(prev["line"])
     lines.append(f"- written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     if grid.notes:
         lines += ["", "Notes on the preset:", ""] + [f"- {n}" for n in grid.notes]

@@ -88,11 +88,6 @@ def _engine(method: str, private: bool, clip, dataset):
 @pytest.mark.parametrize("method", TRAINABLE)
 def test_train_step(benchmark, method, private, clip, dataset):
     """One client's local step (batch 32, 16 context vectors) and the server update it feeds."""
-    if private:
-        from bench.harness import dp_available
-
-        if not dp_available():
-            pytest.skip("DP training mode not in this checkout")
     eng = _engine(method, private, clip, dataset)
     client, server = eng.clients[0], eng.server
     if eng.protocol == "fedavg":

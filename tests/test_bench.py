@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.grid import GridSpec, axis_tag, eps_tag, parse_axis, parse_epsilon
-from bench.harness import Harness, cell_status, dp_available, normalize_audit
+from bench.harness import Harness, cell_status, normalize_audit
 from bench.presets import ALL_METHODS, PAPER_REFERENCE, get_preset, load_grid_file, preset_names
 from bench.report import accuracy_table, group
 from bench.timing import PeakMemory, Stopwatch, time_callable
@@ -97,7 +97,7 @@ def test_paper_grid_blocks_and_selection():
 
 
 def test_cifar_and_presets_listed():
-    assert preset_names() == ["default", "paper", "cifar100"]
+    assert preset_names() == ["default", "audits", "paper", "cifar100"]
     g = get_preset("cifar100")
     cfg = g.cells()[0].config()
     assert (cfg.data.dataset, cfg.data.partition, cfg.data.dirichlet_beta) == ("cifar100", "dirichlet", 0.3)
@@ -194,7 +194,6 @@ def test_changed_settings_refused_then_rerun(tmp_path, tiny_clip, tiny_dataset):
     assert json.loads((out / "runs/local_nodp_s0/config.json").read_text())["train"]["lr"] == 0.1
 
 
-@pytest.mark.skipif(not dp_available(), reason="DP training mode not in this checkout")
 def test_private_cell_and_privacy_outputs(tmp_path, tiny_clip, tiny_dataset):
     # explicit noise multipliers: no calibration search (kept out of this quick test)
     grid = tiny_grid(methods=["dpfpl"], epsilons=[None, 50.0], seeds=[0],
