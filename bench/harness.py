@@ -77,8 +77,8 @@ class Resources:
 
 # ------------------------------------------------------------------------------------ audit hook
 
-AUDIT_KEYS = ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "eps_lower_bound", "confidence", "epsilon_spent",
-              "epsilon_claimed")
+AUDIT_KEYS = ("auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "eps_lower_bound", "confidence", "bound_sound",
+              "epsilon_spent", "epsilon_claimed", "flags")
 
 
 def find_audit_hook() -> Optional[Callable[..., dict]]:
