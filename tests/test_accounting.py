@@ -241,6 +241,12 @@ def test_cli_reference(capsys):
     d = json.loads(out)
     assert rc == 0 and d["claimed_epsilon"] == pytest.approx(0.4)
     assert d["accounted_epsilon"] > d["claimed_epsilon"]
+    # one pass over 320 examples per round: 100 epochs, one exposure per mechanism each (replace-one)
+    rc, out, _ = _cli(["--reference", "--epsilon", "0.4", "--rounds", "100", "--batch-size", "32",
+                       "--steps-per-round", "10", "--clients", "10", "--dataset-size", "320", "--json"], capsys)
+    e = json.loads(out)
+    assert rc == 0 and e["epochs"] == 100
+    assert 100 * 0.4 < e["accounted_epsilon"] < d["accounted_epsilon"]
 
 
 @pytest.mark.parametrize("argv", [

@@ -149,6 +149,30 @@ def test_reference_mode_claim_vs_accounted(tiny_clip, tiny_dataset, make_cfg, tm
     assert s["sampling"] == "shuffle" or s["privacy"] == "reference"
 
 
+def test_reference_mode_counts_one_exposure_per_epoch(tiny_clip, tiny_dataset, make_cfg):
+    """Shuffled batches partition an epoch (replace-one): each mechanism exposes an example once per
+    epoch; the other draws are no-ops, and the run's eps equals the closed event count's."""
+    from dp_accounting import dp_event
+
+    from dpfpl.privacy.accounting import reference_accounted_events, rdp_epsilon
+
+    e = Engine(make_cfg(method="dpfpl", privacy="reference", epsilon=0.5, rounds=3, batch_size=8),
+               clip=tiny_clip, dataset=tiny_dataset)
+    e.run()
+    led, steps = e.privacy.ledger, e.cfg.train.rounds * e.local_steps
+    for c in e.clients:
+        epochs = c.sampler.epochs
+        assert epochs == -(-steps * 8 // c.n_train)  # ceil(steps B / n): batches never straddle epochs here
+        real = lambda subj: sum(n for ev, n in led.entries(subj) if not isinstance(ev, dp_event.NoOpDpEvent))
+        assert real(f"client{c.id}/local") == 2 * epochs and real(f"client{c.id}/global") == epochs
+        assert led.count(f"client{c.id}/local") == 2 * steps  # every draw is still recorded
+    assert 1 < epochs < steps
+    ev = reference_accounted_events(e.privacy.sigma, 8, e.local_steps, 3, len(e.clients), epochs=epochs)
+    assert sum(n for _, n in ev["local"]) == 2 * epochs and sum(n for _, n in ev["global"]) == epochs
+    every_step = reference_accounted_events(e.privacy.sigma, 8, e.local_steps, 3, len(e.clients))
+    assert rdp_epsilon(ev["personalized"], 1e-5) < rdp_epsilon(every_step["personalized"], 1e-5)
+
+
 @pytest.mark.parametrize("kw, needle", [
     (dict(epsilon=0.0), "privacy.epsilon must be positive"),
     (dict(epsilon=-1.0), "privacy.epsilon must be positive"),

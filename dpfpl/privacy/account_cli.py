@@ -54,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sensitivity-factor", type=float, default=2.0,
                    help="--reference: true sensitivity of the batch-clipped mean, in units of C "
                         "(2: worst case; 1: optimistic)")
-    p.add_argument("--dataset-size", type=int, help="warn when delta >= 1/n")
+    p.add_argument("--dataset-size", type=int, help="a client's training-set size: warn when delta >= 1/n; with "
+                   "--reference, count one exposure per epoch (replace-one, shuffled batches)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -95,6 +96,14 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
             out[f"accounted_rdp_epsilon_{view}"] = acc.rdp_epsilon(ev[view], delta)
         out["accounted_pld_epsilon_personalized"] = acc.pld_epsilon(ev["personalized"], delta)
         out["accounted_epsilon"] = out["accounted_rdp_epsilon_personalized"]
+        if args.dataset_size:  # replace-one: one exposure per epoch (what the engine records)
+            epochs = math.ceil(args.rounds * args.steps_per_round * args.batch_size / args.dataset_size)
+            ev_e = acc.reference_accounted_events(sigma, args.batch_size, args.steps_per_round, args.rounds,
+                                                  args.clients, sensitivity_factor=args.sensitivity_factor,
+                                                  epochs=epochs)
+            out["epochs"] = epochs
+            out["accounted_rdp_epsilon_personalized_per_epoch"] = acc.rdp_epsilon(ev_e["personalized"], delta)
+            out["accounted_epsilon"] = out["accounted_rdp_epsilon_personalized_per_epoch"]
         return out
 
     if args.steps is None and args.steps_per_round is not None and args.rounds is not None:
@@ -166,7 +175,8 @@ def _print_table(out: dict[str, Any]) -> None:
         console.print(c)
     if out["mode"] == "reference":
         console.print("[bold]claimed_epsilon[/bold] is the public code's closed-form claim; the "
-                      "accounted values are what its noise really buys (add/remove-one).")
+                      "accounted values are what its noise really buys (every draw counted: add/remove-one; "
+                      "with --dataset-size, one exposure per epoch: replace-one, as the engine records).")
 
 
 def _jsonable(v: Any) -> Any:

@@ -651,15 +651,22 @@ def reference_accounted_events(sigma: float, batch_size: int, steps_per_round: i
                                n_clients: int, sensitivity_factor: float = 2.0,
                                local_releases_per_step: int = 2,
                                global_releases_per_round: Optional[int] = None,
+                               epochs: Optional[int] = None,
                                ) -> dict[str, list[tuple[dp_event.DpEvent, int]]]:
-    """Events the public code REALLY runs, for one client (add/remove-one, see
-    :func:`reference_noise_multiplier`).
+    """Events the public code REALLY runs, for one client (see :func:`reference_noise_multiplier`).
 
     Noise is drawn on every minibatch of every round (``rounds * steps_per_round``), for u and v
     separately (``local_releases_per_step=2``; 1 for a full-rank local prompt), and the server
     noises the global gradient average ``global_releases_per_round`` times a round (default:
-    every step). Batches are shuffled fixed-size batches: no amplification, so each release is a
-    plain Gaussian (upper bound). Returns ``{'local': ..., 'global': ..., 'personalized': ...}``.
+    every step). Batches are shuffled fixed-size batches: no amplification, each release a plain
+    Gaussian.
+
+    ``epochs=None``: every draw counts for every example (valid under add/remove-one, where
+    adding an example reshuffles all batches). ``epochs=E`` (the passes over the client's data,
+    ``ceil(rounds * steps_per_round * B / n)``): replace-one, where an epoch's batches partition the
+    data, so by parallel composition an example is exposed once per epoch per mechanism: E
+    releases of each (the tightest honest count, and what the engine records in reference mode).
+    Returns ``{'local': ..., 'global': ..., 'personalized': ...}``.
     """
     r = _check_steps(rounds, "rounds")
     s = _check_steps(steps_per_round, "steps per round")
@@ -668,8 +675,13 @@ def reference_accounted_events(sigma: float, batch_size: int, steps_per_round: i
     # server: std = (sigma C / B) / N on the mean of N clipped means (sensitivity 2C/N)
     nm_global = (sigma / batch_size / n) / (sensitivity_factor / n)
     g = s if global_releases_per_round is None else int(global_releases_per_round)
-    local = [(make_event(nm_local, 1.0, "none"), r * s * int(local_releases_per_step))]
-    glob = [(make_event(nm_global, 1.0, "none"), r * g)] if g > 0 else []
+    if epochs is None:
+        n_local, n_glob = r * s * int(local_releases_per_step), r * g
+    else:
+        e = min(_check_steps(epochs, "epochs"), r * s)
+        n_local, n_glob = e * int(local_releases_per_step), (e if g > 0 else 0)
+    local = [(make_event(nm_local, 1.0, "none"), n_local)]
+    glob = [(make_event(nm_global, 1.0, "none"), n_glob)] if n_glob > 0 else []
     return {"local": local, "global": glob, "personalized": local + glob}
 
 

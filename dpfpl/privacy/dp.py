@@ -90,13 +90,14 @@ class DPPrivacy(Privacy):
 
     mode = "dp"
     per_example = True
+    forced_sampling: Optional[str] = None  # the reference mode runs shuffled batches whatever the config says
 
     def __init__(self, cfg: RunConfig, engine):
         p, t = cfg.privacy, cfg.train
         self.cfg = cfg
         self.C = p.clip_norm
         self.delta = p.delta
-        self.sampling = p.sampling
+        self.sampling = self.forced_sampling or p.sampling
         self.unit, self.micro = parse_clip_unit(p.clip_unit)
         self.sens = 1.0 if self.unit == "example" else 2.0  # sensitivity / C of a clipped sum
         self.relation = "add/remove-one example" if self.sampling == "poisson" else "replace-one example"
@@ -332,6 +333,7 @@ class ReferencePrivacy(DPPrivacy):
 
     mode = "reference"
     per_example = False
+    forced_sampling = "shuffle"
 
     def __init__(self, cfg: RunConfig, engine):
         if cfg.privacy.epsilon is None:
@@ -373,18 +375,13 @@ class ReferencePrivacy(DPPrivacy):
         self._record(f"client{client.id}/global", self.nm_global, client)
         return out
 
-    def _record(self, subject, nm, client, round_=None):
-        # the public code uses shuffled batches and no amplification: every draw a Gaussian
-        # (parallel composition over an epoch is not claimed for it: its batch-mean clipping
-        # and noise apply to every minibatch and we count them as the code runs them)
-        self.ledger.record(subject, make_event(nm / self.sens, 1.0, "none"), round=round_)
-
     def check_round(self, sampled, steps):
         return None  # the public code has no budget check: it runs the planned rounds
 
     def extra_summary(self):
         return {"epsilon_claimed": self.claimed, "reference_sigma": self.sigma, "clip_unit": "batch-mean (reference)",
-                "neighbouring_relation": "add/remove-one example (batch-mean clipping: sensitivity 2C)"}
+                "neighbouring_relation": "replace-one example (shuffled batches, one exposure per epoch by "
+                                         "parallel composition; batch-mean clipping: sensitivity 2C)"}
 
 
 def build_dp_privacy(cfg: RunConfig, engine) -> DPPrivacy:
