@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test bench microbench clean
+.PHONY: setup test bench audits microbench clean
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,13 @@ test: setup
 
 bench: setup
 	$(BIN)/dpfpl bench
+
+AUDIT_ATTACKS := --attack loss --attack lira --attack rmia --attack canary --attack gradient-canary
+
+audits: setup
+	$(BIN)/dpfpl bench --preset audits
+	$(BIN)/dpfpl audit --train --control positive $(AUDIT_ATTACKS) --out results/audits/controls/positive
+	$(BIN)/dpfpl audit --train --control negative $(AUDIT_ATTACKS) --out results/audits/controls/negative
 
 microbench: setup
 	$(BIN)/python -m pytest bench --benchmark-only --benchmark-enable -q

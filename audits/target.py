@@ -233,10 +233,8 @@ class World:
 # run directories
 
 def seeded_clip(model: str, pretrained: Optional[str], device: str = "cpu", seed: int = 0) -> FrozenClip:
-    """``load_clip`` with torch's global RNG fixed (and restored): random-init weights reproducible."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return load_clip(model, pretrained, device)
+    """``load_clip`` with random-init weights drawn from ``seed`` (reproducible)."""
+    return load_clip(model, pretrained, device, init_seed=seed)
 
 
 def _is_random_init(pretrained: Optional[str]) -> bool:

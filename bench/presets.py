@@ -183,19 +183,23 @@ def _audits() -> GridSpec:
     g = _default()
     return GridSpec(
         name="audits",
-        description="membership-inference audits of DP-FPL on the default task: every attack, non-private and "
-                    "eps 4 / 1 / 0.25 in our DP mode and in reference mode, seed 0",
-        base=g.base, methods=["dpfpl"], epsilons=list(DEFAULT_EPSILONS), seeds=[0],
+        description="membership-inference audits of DP-FPL on a few-shot version of the default task (16 "
+                    "shots, 16 rounds): every attack, non-private and eps 4 / 1 / 0.25 in our DP mode and in "
+                    "reference mode, seed 0",
+        base={**g.base, "shots": 16, "rounds": 16, "eval_every": 16}, methods=["dpfpl"], epsilons=list(DEFAULT_EPSILONS), seeds=[0],
         dataset_options=g.dataset_options, private_base=g.private_base, nonprivate_base=g.nonprivate_base,
         blocks=[{"name": "reference mode", "epsilons": [e for e in DEFAULT_EPSILONS if e], "private_mode": "reference"}],
         audit_attacks=list(AUDIT_ATTACKS), audit_options={"shadows": 4},
-        notes=["The default task's recipe (see the default preset), DP-FPL only. Every cell is audited with "
+        notes=["The default task's recipe (see the default preset) with 16 training images per class (64 per "
+               "client) and 16 rounds, so that every example is seen ~16 times (the default grid sees each "
+               "example less than once, too little for any attack). DP-FPL only. Every cell is audited with "
                f"{', '.join(AUDIT_ATTACKS)} on client 0's personalised model (4 shadow / reference models, "
                "trained on random halves of the client's candidate pool; 100 canaries for the one-run audits).",
                "A lower bound above the accountant's eps in our DP mode would be a bug in the mechanism or the "
                "accountant; above the claimed eps in reference mode it refutes the public code's claim.",
-               "Controls (not in this grid): `dpfpl audit --train --control positive` (overfitting non-private "
-               "recipe: attacks must find leakage) and `--control negative` (untrained target: AUC ~0.5)."],
+               "Controls (`make audits` runs them into controls/): `dpfpl audit --train --control positive` "
+               "(overfitting non-private recipe: the attacks must find leakage) and `--control negative` "
+               "(untrained target and shadows: AUC ~0.5, bound 0)."],
     )
 
 

@@ -71,8 +71,13 @@ class FrozenClip:
         return f"{self.name}|{self.pretrained}"
 
 
-def load_clip(name: str, pretrained: Optional[str], device: str | torch.device = "cpu") -> FrozenClip:
-    """Build ``name`` with ``pretrained`` weights (see module doc), frozen, in eval mode."""
+def load_clip(name: str, pretrained: Optional[str], device: str | torch.device = "cpu",
+              init_seed: Optional[int] = 0) -> FrozenClip:
+    """Build ``name`` with ``pretrained`` weights (see module doc), frozen, in eval mode.
+
+    Random weights (``pretrained`` None / "none") are drawn with torch's global RNG seeded with
+    ``init_seed`` (and restored afterwards), so every process builds the same model; ``None``
+    draws from the global RNG as it stands."""
     oc = _open_clip()
     if name not in oc.list_models():
         raise ConfigError(
@@ -100,7 +105,10 @@ def load_clip(name: str, pretrained: Optional[str], device: str | torch.device =
     offline_before = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"  # never download at run time
     try:
-        model, _, preprocess = oc.create_model_and_transforms(name, pretrained=weights, device=dev)
+        with torch.random.fork_rng(devices=[], enabled=weights is None and init_seed is not None):
+            if weights is None and init_seed is not None:
+                torch.manual_seed(int(init_seed))
+            model, _, preprocess = oc.create_model_and_transforms(name, pretrained=weights, device=dev)
     except DpfplError:
         raise
     except Exception as exc:

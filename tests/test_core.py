@@ -105,3 +105,19 @@ def test_clients_never_share_state(tiny_clip, tiny_dataset, make_cfg):
     assert torch.equal(after["gen"], before["gen"])
     assert torch.equal(b.opt.state_dict()["state"][0]["momentum_buffer"], mom_before)
     assert not torch.equal(a.opt.state_dict()["state"][0]["momentum_buffer"], mom_before)
+
+
+def test_random_init_model_is_seeded_and_leaves_global_rng():
+    """``pretrained=none`` builds the same weights in every process (init_seed), without touching
+    the caller's RNG stream."""
+    from dpfpl.clip import load_clip
+
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a = load_clip("dpfpl-tiny", None, "cpu")
+    after = torch.rand(3)
+    b = load_clip("dpfpl-tiny", "none", "cpu")
+    c = load_clip("dpfpl-tiny", None, "cpu", init_seed=1)
+    wa, wb, wc = (next(m.model.parameters()) for m in (a, b, c))
+    assert torch.equal(before, after) and torch.equal(wa, wb) and not torch.equal(wa, wc)

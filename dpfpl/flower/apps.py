@@ -104,10 +104,8 @@ def client_engine(cfg_json: str, model_init_seed: Optional[int], threads: int) -
     clip = None
     if ENGINE_FACTORY is not None:
         eng = ENGINE_FACTORY(cfg)
-    elif model_init_seed is not None and _random_weights(cfg):
-        with torch.random.fork_rng(devices=[]):  # every process builds the same random weights
-            torch.manual_seed(int(model_init_seed))
-            clip = load_clip(cfg.model.model, None, cfg.model.device)
+    elif model_init_seed is not None and _random_weights(cfg):  # every process builds the same weights
+        clip = load_clip(cfg.model.model, None, cfg.model.device, init_seed=int(model_init_seed))
     if ENGINE_FACTORY is None:
         eng = Engine(cfg, clip=clip)
     if [c.id for c in eng.clients] != list(range(len(eng.clients))):
