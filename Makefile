@@ -27,7 +27,10 @@ audits: setup
 	$(BIN)/dpfpl audit --train --control negative $(AUDIT_ATTACKS) --out results/audits/controls/negative
 
 microbench: setup
-	$(BIN)/python -m pytest bench --benchmark-only --benchmark-enable -q
+	mkdir -p results/microbench
+	$(BIN)/python -m pytest bench --benchmark-only --benchmark-enable -q --benchmark-sort=name \
+		--benchmark-columns=median,iqr,min,rounds --benchmark-json=results/microbench/benchmark.json \
+		| tee results/microbench/summary.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks
