@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from dpfpl.config import RunConfig
-from dpfpl.data import load_dataset, partition
+from dpfpl.data import load_run_dataset, partition
 from dpfpl.data.base import Dataset
 from dpfpl.errors import ConfigError
 
@@ -336,7 +336,7 @@ def _prepare_train(cfg: RunConfig, s: AuditSettings, out: Path, control: Optiona
             world.enc = PromptTextEncoder(world.clip, dataset.classnames, cfg.train.n_ctx, cut=cfg.train.cut_text)
     else:
         if dataset is None:
-            dataset = load_dataset(cfg.data.dataset, cfg.data.root, seed=cfg.train.seed)
+            dataset = load_run_dataset(cfg)
         if clip is None:
             clip = seeded_clip(cfg.model.model, cfg.model.pretrained, cfg.model.device, seed=0)
         prog.log("encoding images")

@@ -61,7 +61,7 @@ def _fmt(x: Any, digits: int = 3) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     t = report["target"]
     p = report["privacy"]
-    lines = [f"# Membership-inference audit", ""]
+    lines = ["# Membership-inference audit", ""]
     ctrl = report.get("control")
     if ctrl:
         lines += [f"**Control: {ctrl}.** " + report["control_note"], ""]

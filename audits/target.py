@@ -36,7 +36,7 @@ import torch
 
 from dpfpl.clip import FrozenClip, load_clip
 from dpfpl.config import RunConfig
-from dpfpl.data import load_dataset
+from dpfpl.data import load_run_dataset
 from dpfpl.data.base import Dataset, ImageSplit
 from dpfpl.errors import ConfigError, DataError
 from dpfpl.features import FeatureStore, encode_split
@@ -345,7 +345,7 @@ def load_run_dir(path: str | Path, clip: Optional[FrozenClip] = None, dataset: O
     summary = _read_json(p / "summary.json", "summary")
     membership = _read_json(p / "membership.json", "membership record")
     if dataset is None:
-        dataset = load_dataset(cfg.data.dataset, cfg.data.root, seed=cfg.train.seed)
+        dataset = load_run_dataset(cfg)
     _check_membership(membership, p / "membership.json", dataset, cfg)
 
     from safetensors.torch import load_file

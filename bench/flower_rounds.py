@@ -12,7 +12,6 @@ checks that both engines reached the same global prompt.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time

@@ -22,8 +22,6 @@ models this uses the cores better than intra-op threads.
 
 from __future__ import annotations
 
-import importlib.util
-import inspect
 import json
 import math
 import os
@@ -67,11 +65,11 @@ class Resources:
     def dataset(self, cfg, options: dict[str, Any]) -> Any:
         if self.fixed_dataset is not None:
             return self.fixed_dataset
-        from dpfpl.data import load_dataset
+        from dpfpl.data import load_run_dataset
 
         key = (cfg.data.dataset, cfg.data.root, cfg.train.seed, json.dumps(options, sort_keys=True))
         if key not in self._data:
-            self._data[key] = load_dataset(cfg.data.dataset, cfg.data.root, seed=cfg.train.seed, **options)
+            self._data[key] = load_run_dataset(cfg, **options)
         return self._data[key]
 
 
@@ -333,7 +331,7 @@ class GridProgress:
 
     def __enter__(self) -> "GridProgress":
         if self.enabled:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+            from rich.progress import (BarColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
 
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),

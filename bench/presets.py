@@ -95,7 +95,8 @@ DEFAULT_LR_PRIVATE = 0.1
 DEFAULT_LR_NONPRIVATE = 0.002
 DEFAULT_EPSILONS = [None, 4.0, 1.0, 0.25]
 DEFAULT_SEEDS = [0, 1]
-DEFAULT_DATASET_OPTIONS = {"n_classes": 16, "train_per_class": 200, "test_per_class": 100}
+# the synthetic task's size (config fields, so every run directory rebuilds its data from config.json)
+DEFAULT_BASE.update({"train_per_class": 200, "test_per_class": 100})
 DEFAULT_NOTES = [
     "Sized for <= 5 min on 2 CPU cores (two worker processes, one torch thread each): private cells "
     "dominate, because DP needs per-example gradients (about B backward passes per step), so every "
@@ -127,7 +128,7 @@ def _default() -> GridSpec:
         description="synthetic colour-shape task on the shipped tiny CLIP: every method, non-private "
                     "and eps 4 / 1 / 0.25, two seeds; <= 5 min on 2 CPU cores",
         base=dict(DEFAULT_BASE), methods=list(ALL_METHODS), epsilons=list(DEFAULT_EPSILONS),
-        seeds=list(DEFAULT_SEEDS), dataset_options=dict(DEFAULT_DATASET_OPTIONS), notes=list(DEFAULT_NOTES),
+        seeds=list(DEFAULT_SEEDS), notes=list(DEFAULT_NOTES),
         private_base={"lr": DEFAULT_LR_PRIVATE}, nonprivate_base={"lr": DEFAULT_LR_NONPRIVATE}, audit_seeds=[0],
         blocks=[{"name": "reference mode", "methods": ["dpfpl"], "epsilons": [e for e in DEFAULT_EPSILONS if e],
                  "private_mode": "reference"}],
@@ -187,7 +188,7 @@ def _audits() -> GridSpec:
                     "shots, 16 rounds): every attack, non-private and eps 4 / 1 / 0.25 in our DP mode and in "
                     "reference mode, seed 0",
         base={**g.base, "shots": 16, "rounds": 16, "eval_every": 16}, methods=["dpfpl"], epsilons=list(DEFAULT_EPSILONS), seeds=[0],
-        dataset_options=g.dataset_options, private_base=g.private_base, nonprivate_base=g.nonprivate_base,
+        private_base=g.private_base, nonprivate_base=g.nonprivate_base,
         blocks=[{"name": "reference mode", "epsilons": [e for e in DEFAULT_EPSILONS if e], "private_mode": "reference"}],
         audit_attacks=list(AUDIT_ATTACKS), audit_options={"shadows": 4},
         notes=["The default task's recipe (see the default preset) with 16 training images per class (64 per "

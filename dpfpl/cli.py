@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import MISSING, fields
 from typing import Any, Optional, Sequence
 
-from .config import RunConfig, base_type, field_index, load_mapping
+from .config import RunConfig, base_type, field_index
 from .errors import DpfplError
 
 

@@ -44,6 +44,8 @@ class DataConfig:
                          ("pathological", "dirichlet", "iid"))
     dirichlet_beta: float = opt(0.3, "Dirichlet concentration for partition=dirichlet")
     shots: Optional[int] = opt(None, "few-shot: keep k training examples per class (None: all)")
+    train_per_class: Optional[int] = opt(None, "synthetic dataset only: training images per class (None: 40)")
+    test_per_class: Optional[int] = opt(None, "synthetic dataset only: test images per class (None: 25)")
 
 
 @dataclass
@@ -150,6 +152,12 @@ class RunConfig:
             positive["train.global_lr"] = t.global_lr
         if d.shots is not None:
             positive["data.shots"] = d.shots
+        for name in ("train_per_class", "test_per_class"):
+            v = getattr(d, name)
+            if v is not None:
+                positive[f"data.{name}"] = v
+                if d.dataset != "synthetic":
+                    raise ConfigError(f"data.{name} applies to the synthetic dataset only, not {d.dataset!r}")
         for name, v in positive.items():
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
                 raise ConfigError(f"{name} must be positive, got {v!r}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 
 from .clip import FrozenClip, load_clip
 from .config import RunConfig
-from .data import load_dataset, partition
+from .data import load_run_dataset, partition
 from .data.base import Dataset
 from .data.partition import ClientData
 from .errors import ConfigError
@@ -80,7 +79,7 @@ class Engine(EngineRecord):
         if self.protocol == "fedavg" and not self.method.uses_global:
             self.protocol = "grad"  # nothing to average
         status("loading dataset")
-        self.dataset = dataset if dataset is not None else load_dataset(d.dataset, d.root, seed=t.seed)
+        self.dataset = dataset if dataset is not None else load_run_dataset(cfg)
         if clients_data is None:
             clients_data = partition(self.dataset, d.num_clients, d.partition, seed=t.seed,
                                      beta=d.dirichlet_beta, shots=d.shots)

@@ -367,3 +367,17 @@ def test_registry_synthetic_needs_no_root():
     ds = load_dataset("synthetic", None, seed=0)
     assert ds.n_classes >= 2 and len(ds.train) > 0
     _check_cover(ds, partition(ds, 2, "pathological", seed=0))
+
+
+def test_run_config_sets_synthetic_size_and_rejects_it_elsewhere():
+    """The synthetic task's size lives in the run config (config.json rebuilds the data)."""
+    from dpfpl.config import RunConfig
+    from dpfpl.data import load_run_dataset
+
+    cfg = RunConfig().update({"train_per_class": 3, "test_per_class": 2}).validate()
+    ds = load_run_dataset(cfg)
+    assert len(ds.train) == 3 * len(ds.classnames) and len(ds.test) == 2 * len(ds.classnames)
+    with pytest.raises(ConfigError, match="data.train_per_class applies to the synthetic dataset only"):
+        RunConfig().update({"dataset": "cifar10", "root": "/x", "train_per_class": 3}).validate()
+    with pytest.raises(ConfigError, match="data.test_per_class must be positive"):
+        RunConfig().update({"test_per_class": 0}).validate()

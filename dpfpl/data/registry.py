@@ -64,6 +64,19 @@ def dataset_names() -> list[str]:
     return list(DATASETS)
 
 
+def config_options(cfg: Any) -> dict[str, Any]:
+    """Loader options a :class:`~dpfpl.config.RunConfig` sets (the synthetic task's size)."""
+    d = cfg.data
+    return {k: getattr(d, k) for k in ("train_per_class", "test_per_class") if getattr(d, k) is not None}
+
+
+def load_run_dataset(cfg: Any, **options: Any) -> Dataset:
+    """The dataset a run's config names (name, root, seed and the config's loader options):
+    every engine, audit and benchmark loads through here, so a run directory's config.json alone
+    rebuilds its data."""
+    return load_dataset(cfg.data.dataset, cfg.data.root, seed=cfg.train.seed, **{**config_options(cfg), **options})
+
+
 def load_dataset(name: str, root: str | os.PathLike | None, seed: int = 0, **options: Any) -> Dataset:
     """Load dataset ``name`` from ``root``; raises ConfigError for a bad name/option or missing root,
     DataError for a missing or malformed dataset."""

@@ -474,7 +474,7 @@ def start_ray(ray_dir: Path, cpus: int, gpus: float, client_threads: int, verbos
 def _preflight(cfg: RunConfig) -> int:
     """Cheap checks with the in-process engine's messages before Ray starts; returns #images."""
     from ..clip import _open_clip
-    from ..data import load_dataset, partition
+    from ..data import load_run_dataset, partition
 
     t, d = cfg.train, cfg.data
     get_method(t.method)
@@ -485,7 +485,7 @@ def _preflight(cfg: RunConfig) -> int:
     p = cfg.model.pretrained
     if p and p not in ("builtin", "none") and (os.path.sep in p or Path(p).suffix) and not Path(p).is_file():
         raise ConfigError(f"model.pretrained: checkpoint file not found: {p}")
-    ds = load_dataset(d.dataset, d.root, seed=t.seed)
+    ds = load_run_dataset(cfg)
     partition(ds, d.num_clients, d.partition, seed=t.seed, beta=d.dirichlet_beta, shots=d.shots)
     return len(ds.train) + len(ds.test)
 
