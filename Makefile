@@ -17,12 +17,12 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/dpfpl bench
+	$(BIN)/dpfpl bench --fresh
 
 AUDIT_ATTACKS := --attack loss --attack lira --attack rmia --attack canary --attack gradient-canary
 
 audits: setup
-	$(BIN)/dpfpl bench --preset audits
+	$(BIN)/dpfpl bench --preset audits --fresh
 	$(BIN)/dpfpl audit --train --control positive $(AUDIT_ATTACKS) --out results/audits/controls/positive
 	$(BIN)/dpfpl audit --train --control negative $(AUDIT_ATTACKS) --out results/audits/controls/negative
 

@@ -47,6 +47,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-audit", action="store_true", help="do not run the membership audits even if available")
     p.add_argument("--rerun-changed", action="store_true",
                    help="rerun finished cells whose settings differ from the grid's (default: stop with an error)")
+    p.add_argument("--fresh", action="store_true",
+                   help="run every cell again, finished ones too (each old run directory is replaced when its "
+                        "cell starts); default: skip finished cells and resume interrupted ones")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each finished run's checkpoint.pt (only needed to resume; removed by default)")
     p.add_argument("--keep-going", action="store_true", help="record a failed cell and go on with the others")
@@ -119,7 +122,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if jobs < 1:
             raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     harness = Harness(grid, out, jobs=jobs, threads=args.threads, progress=not args.no_progress,
-                      audit=False if args.no_audit else None, rerun_changed=args.rerun_changed,
+                      audit=False if args.no_audit else None, rerun_changed=args.rerun_changed, fresh=args.fresh,
                       command=command_line(), keep_going=args.keep_going,
                       keep_checkpoints=args.keep_checkpoints)
     if args.dry_run:

@@ -13,7 +13,9 @@ A cell is finished iff its ``summary.json`` exists (the run directory writes it 
 A rerun skips finished cells; a cell directory without ``summary.json`` (an interrupted cell) is
 resumed from its last checkpoint when it has one for the same cell, and otherwise deleted and run
 from scratch. A finished cell whose ``cell.json`` no longer matches the grid (e.g. the preset's
-rounds changed) is an error unless ``rerun_changed`` is set.
+rounds changed) is an error unless ``rerun_changed`` is set. ``fresh`` runs every cell again (what
+``make bench`` does, so that the committed results/default are reproduced, not skipped): a cell's old
+run directory is replaced when that cell starts.
 
 Cells share the loaded CLIP model and datasets (one load per process). With ``jobs > 1`` cells run
 in that many worker processes (spawned, one torch thread each unless told otherwise); on small
@@ -420,8 +422,9 @@ class Harness:
     def __init__(self, grid: GridSpec, out: str | Path, *, jobs: int = 1, threads: Optional[int] = None,
                  progress: bool = True, audit: Optional[bool] = None, rerun_changed: bool = False,
                  command: Optional[str] = None, clip: Any = None, dataset: Any = None, stream=None,
-                 keep_going: bool = False, keep_checkpoints: bool = False):
+                 keep_going: bool = False, keep_checkpoints: bool = False, fresh: bool = False):
         self.grid = grid
+        self.fresh = fresh
         self.out = Path(out)
         self.runs_dir = self.out / "runs"
         self.jobs = max(1, int(jobs))
@@ -494,14 +497,17 @@ class Harness:
     def _run(self, t0: float, report: bool) -> BenchResult:
         cells, status = self.plan()
         changed = [c for c in cells if status[c.id] == "changed"]
-        if changed and not self.rerun_changed:
+        if changed and not (self.rerun_changed or self.fresh):
             c = changed[0]
             raise ConfigError(
                 f"{len(changed)} finished cell(s) in {self.runs_dir} were run with different settings "
                 f"(e.g. {c.id}: {spec_diff(c, self.runs_dir / c.id)}); pass --rerun-changed to run them again, "
                 f"or --out DIR to keep both")
-        done = {cid for cid, s in status.items() if s == "done"}
+        done = set() if self.fresh else {cid for cid, s in status.items() if s == "done"}
         todo = [c for c in cells if c.id not in done]
+        if self.fresh:  # a finished cell has no checkpoint: run_cell replaces its directory when it starts
+            for c in todo:
+                (self.runs_dir / c.id / "checkpoint.pt").unlink(missing_ok=True)
         result = BenchResult(self.out, cells, skipped=sorted(done), jobs=self.jobs)
         self.out.mkdir(parents=True, exist_ok=True)
         self.write_grid(cells, status)

@@ -182,6 +182,13 @@ def test_tiny_grid_runs_resumes_and_reports(tmp_path, tiny_clip, tiny_dataset):
     assert not (debris / "checkpoint.pt").exists()  # removed once finished (only needed to resume)
     assert len(list(csv.DictReader((out / "runs.csv").open()))) == 6
 
+    # --fresh (make bench) runs every cell again, even those finished with a checkpoint kept
+    before = json.loads((resumed / "bench.json").read_text())["finished_at"]
+    r4 = harness(grid, out, tiny_clip, tiny_dataset, fresh=True).run()
+    assert sorted(r4.ran) == sorted(c.id for c in grid.cells()) and not r4.skipped
+    rec = json.loads((resumed / "bench.json").read_text())
+    assert rec["resumed"] is False and rec["finished_at"] > before
+
 
 def test_changed_settings_refused_then_rerun(tmp_path, tiny_clip, tiny_dataset):
     out = tmp_path / "res"
