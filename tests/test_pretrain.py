@@ -6,7 +6,6 @@ import argparse
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 

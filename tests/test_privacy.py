@@ -13,7 +13,6 @@ from dpfpl.engine import Engine
 from dpfpl.errors import BudgetExhausted, ConfigError
 from dpfpl.privacy import reference_sigma
 from dpfpl.privacy.dp import clip_and_sum, parse_clip_unit
-from dpfpl.rundir import RunDir
 
 from .conftest import StopAfter
 from dpfpl.train import train
@@ -122,7 +121,6 @@ def test_budget_stops_cleanly_and_keeps_results(tiny_clip, tiny_dataset, make_cf
     assert s["epsilon_spent"] <= 1.0
     assert (tmp_path / "r" / "summary.json").exists() and (tmp_path / "r" / "prompts.safetensors").exists()
     # resuming a run whose budget is spent is refused before any training
-    cfg_dict = json.loads((tmp_path / "r" / "config.json").read_text())
     with pytest.raises(BudgetExhausted, match="nothing was trained"):
         train(resume=tmp_path / "r", clip=tiny_clip, dataset=tiny_dataset)
 

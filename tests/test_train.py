@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,7 +16,7 @@ from dpfpl.errors import ConfigError, DataError
 from dpfpl.rundir import RunDir
 
 from .conftest import StopAfter
-from dpfpl.data.base import ArraySplit, Dataset, FileSplit
+from dpfpl.data.base import Dataset, FileSplit
 
 
 def _run(cfg, clip, dataset, rd, callbacks=(), state=None):
