@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -37,6 +36,7 @@ from dpfpl.config import RunConfig
 from dpfpl.data import load_run_dataset, partition
 from dpfpl.data.base import Dataset
 from dpfpl.errors import ConfigError
+from dpfpl.progress import LiveProgress
 
 from .attacks import (ATTACKS, check_shadow_count, evaluate_scores, lira_scores, loss_attack, rmia_scores,
                       shokri_attack)
@@ -142,36 +142,12 @@ class Prepared:
 # ------------------------------------------------------------------------------------------------
 # progress
 
-class _Progress:
+class _Progress(LiveProgress):
+    """Bars for the models an audit trains; plain status lines only when progress is on."""
+
     def __init__(self, enabled: bool):
-        self.progress = None
-        if enabled:
-            from rich.console import Console
-
-            console = Console(stderr=True)
-            if console.is_terminal:
-                from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                           TimeRemainingColumn)
-
-                self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
-        self.enabled = enabled
+        super().__init__(enabled, "[dpfpl audit]", echo=enabled)
         self.models = self.steps = None
-
-    def __enter__(self) -> "_Progress":
-        if self.progress:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.progress:
-            self.progress.stop()
-
-    def log(self, msg: str) -> None:
-        if self.progress:
-            self.progress.console.log(msg)
-        elif self.enabled:
-            print(f"[dpfpl audit] {msg}", file=sys.stderr)
 
     def start_models(self, total: int, what: str) -> None:
         if self.progress and total:

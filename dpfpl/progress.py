@@ -15,17 +15,19 @@ def _fmt(x: Optional[float]) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-class TrainProgress:
-    """Engine callback + context manager."""
+class LiveProgress:
+    """Context manager: a rich progress display on stderr when ``enabled`` and stderr is a terminal
+    (``self.progress``, None otherwise). :meth:`log` writes above the bars, or a plain
+    ``prefix``-ed line on stderr when there are none and ``echo`` is set."""
 
-    def __init__(self, enabled: bool = True, console: Optional[Console] = None):
+    def __init__(self, enabled: bool, prefix: str, echo: bool, console: Optional[Console] = None):
         self.console = console or Console(stderr=True)
-        self.enabled = enabled and self.console.is_terminal
+        self.live = enabled and self.console.is_terminal
+        self.prefix, self.echo = prefix, echo
         self.progress: Optional[Progress] = None
-        self.rounds_task = self.steps_task = None
 
-    def __enter__(self) -> "TrainProgress":
-        if self.enabled:
+    def __enter__(self):
+        if self.live:
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
             self.progress.start()
@@ -35,11 +37,22 @@ class TrainProgress:
         if self.progress:
             self.progress.stop()
 
-    def status(self, msg: str) -> None:
+    def log(self, msg: str) -> None:
         if self.progress:
             self.progress.console.log(msg)
-        else:
-            print(f"[dpfpl] {msg}", file=sys.stderr)
+        elif self.echo:
+            print(f"{self.prefix} {msg}", file=sys.stderr)
+
+
+class TrainProgress(LiveProgress):
+    """Engine callback + context manager; status lines are printed even without the display."""
+
+    def __init__(self, enabled: bool = True, console: Optional[Console] = None):
+        super().__init__(enabled, "[dpfpl]", echo=True, console=console)
+        self.rounds_task = self.steps_task = None
+
+    def status(self, msg: str) -> None:
+        self.log(msg)
 
     def step(self, done: int, total: int) -> None:
         if not self.progress:
