@@ -119,20 +119,6 @@ def _jsonable(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def light_summary(engine) -> dict[str, Any]:
-    """The run facts an audit needs (privacy mode, accountant eps (RDP), claim), without the PLD
-    evaluation of the full summary (seconds per model: shadows and canary runs skip it)."""
-    priv = engine.privacy
-    out: dict[str, Any] = {"method": engine.cfg.train.method, "rounds": engine.round, "seed": engine.cfg.train.seed,
-                           "stopped_reason": engine.stopped_reason}
-    if hasattr(priv, "spent") and hasattr(priv, "extra_summary"):
-        out.update({"privacy": priv.mode, "epsilon_target": getattr(priv, "epsilon_target", None),
-                    "delta": getattr(priv, "delta", engine.cfg.privacy.delta), **priv.spent(), **priv.extra_summary()})
-    else:
-        out.update(priv.summary())
-    return out
-
-
 def train_model(cfg: RunConfig, world: World, clients: list[ClientData], universe: bool,
                 untrained: bool = False, on_step: Optional[Callable[[int, int], None]] = None,
                 out: Optional[Path] = None) -> TrainedModel:
@@ -143,7 +129,7 @@ def train_model(cfg: RunConfig, world: World, clients: list[ClientData], univers
     ``untrained=True``: no training step; the contexts at initialisation (negative control).
     """
     from dpfpl.engine import Engine
-    from dpfpl.train import train
+    from dpfpl.train import summarize, train
 
     cfg = copy.deepcopy(cfg)
     if out is None:
@@ -161,7 +147,7 @@ def train_model(cfg: RunConfig, world: World, clients: list[ClientData], univers
             engine = Engine(cfg, clip=world.clip, dataset=ds, clients_data=clients, **extra)
             if not untrained:
                 engine.run((), on_step=on_step)
-            summary = light_summary(engine)
+            summary = summarize(engine, 0.0, pld=False)
     with torch.no_grad():
         p_G = engine.server.p_G.detach().float().cpu().clone()
         contexts = {c.id: c.personal_context(engine.server.p_G).float().cpu().clone() for c in engine.clients}

@@ -38,7 +38,7 @@ import torch
 from dpfpl.errors import ConfigError
 
 from .attacks import evaluate_scores
-from .shadow import ModelCache, TrainedModel, build_clients, derive_seed, light_summary, recipe_dict, shared_store
+from .shadow import ModelCache, TrainedModel, build_clients, derive_seed, recipe_dict, shared_store
 from .target import World
 
 __all__ = ["run_gradient_canaries", "invert_sgd"]
@@ -93,6 +93,7 @@ def _train_with_canaries(cfg, world: World, clients, dirs: dict[int, torch.Tenso
                          seed: int, C: float, on_step=None) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """Train once with the canaries injected; returns the broadcast p_G sequence and the summary."""
     from dpfpl.engine import Engine
+    from dpfpl.train import summarize
 
     cfg = copy.deepcopy(cfg)
     cfg.train.eval_every = cfg.train.rounds
@@ -130,7 +131,7 @@ def _train_with_canaries(cfg, world: World, clients, dirs: dict[int, torch.Tenso
                 on_step(done, total)
 
         engine.run((), on_step=step)
-        summary = light_summary(engine)
+        summary = summarize(engine, 0.0, pld=False)
     return seq, summary
 
 

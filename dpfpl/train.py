@@ -12,7 +12,9 @@ from .errors import BudgetExhausted, ConfigError
 from .rundir import RunDir
 
 
-def summarize(engine: Engine, wall_s: float) -> dict[str, Any]:
+def summarize(engine: Engine, wall_s: float, pld: bool = True) -> dict[str, Any]:
+    """summary.json of a finished (or stopped) run; ``pld=False`` skips the PLD epsilon (seconds per
+    run: audits' shadow and canary models use it)."""
     final = engine.final_metrics()
     cfg = engine.cfg
     steps = sum(c.steps for c in engine.clients)
@@ -26,7 +28,7 @@ def summarize(engine: Engine, wall_s: float) -> dict[str, Any]:
         "zeroshot_local_acc": engine.zeroshot["local_acc"], "zeroshot_neighbor_acc": engine.zeroshot["neighbor_acc"],
         "client_steps": steps, "wall_s": wall_s, "train_s": sum(r.get("train_s", 0.0) for r in engine.history),
         "stopped_reason": engine.stopped_reason, "model": cfg.model.model, "pretrained": cfg.model.pretrained,
-        **engine.privacy.summary(),
+        **engine.privacy.summary(pld=pld),
     }
 
 

@@ -297,13 +297,13 @@ class DPPrivacy(Privacy):
     def extra_summary(self) -> dict[str, Any]:
         return {}
 
-    def summary(self):
+    def summary(self, pld: bool = True):
         s = {"privacy": self.mode, "epsilon_target": self.epsilon_target, "delta": self.delta,
              **self.spent(), "noise_multiplier_local": self.nm_local, "noise_multiplier_global": self.nm_global,
              "clip_norm": self.C, "clip_unit": self.cfg.privacy.clip_unit, "sampling": self.sampling,
              "neighbouring_relation": self.relation, "dp_level": self.cfg.privacy.dp_level,
              "noise_draws": self.draws, "ledger_events": self.ledger.count()}
-        if self.ledger.client_subjects():
+        if pld and self.ledger.client_subjects():
             s["epsilon_pld"] = max(self.ledger.pld_epsilon(subs, self.delta)
                                    for subs in self.ledger.client_subjects().values())
         s.update(self.extra_summary())

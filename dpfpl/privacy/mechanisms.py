@@ -60,7 +60,8 @@ class Privacy:
         """Called after each round; returns privacy metrics for the round's row (eps so far)."""
         return {}
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, pld: bool = True) -> dict[str, Any]:
+        """Privacy facts for summary.json; ``pld=False`` skips the (slow) PLD epsilon."""
         return {"privacy": self.mode, "epsilon_spent": None}
 
     def state_dict(self) -> dict[str, Any]:
