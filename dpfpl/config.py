@@ -133,6 +133,12 @@ class RunConfig:
         return self
 
     # ---------------------------------------------------------------- validation
+    @property
+    def batch_sampling(self) -> str:
+        """How batches are drawn: ``privacy.sampling``, except in reference mode, which runs the
+        public code's shuffled fixed-size batches (engines and mechanisms read it here)."""
+        return "shuffle" if self.privacy.privacy == "reference" else self.privacy.sampling
+
     def validate(self) -> "RunConfig":
         """Check every field; raise :class:`ConfigError` naming the first bad one."""
         for section in self.SECTIONS:

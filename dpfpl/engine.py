@@ -96,8 +96,7 @@ class Engine(EngineRecord):
                                   cache=t.cache_features)
         n_mean = float(np.mean([len(c.train_idx) for c in self.clients_data]))
         self.local_steps = t.local_steps or max(1, math.ceil(n_mean / t.batch_size))
-        # reference mode runs the public code's shuffled fixed-size batches
-        sampling = "shuffle" if cfg.privacy.privacy == "reference" else cfg.privacy.sampling
+        sampling = cfg.batch_sampling
         self.settings = TrainSettings(t.lr, t.momentum, t.weight_decay, t.batch_size, sampling, t.n_ctx)
         seeds = np.random.SeedSequence(t.seed).generate_state(4 + 2 * d.num_clients)
         init_gen = torch.Generator().manual_seed(int(seeds[0]))

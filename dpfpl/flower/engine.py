@@ -191,7 +191,7 @@ class FlowerEngine(EngineRecord):
         self.protocol, self.local_steps = protocol, int(local_steps)
         self.clients_data = clients_data
         self.dataset_name = dataset_name
-        sampling = "shuffle" if cfg.privacy.privacy == "reference" else cfg.privacy.sampling
+        sampling = cfg.batch_sampling
         self.settings = TrainSettings(t.lr, t.momentum, t.weight_decay, t.batch_size, sampling, t.n_ctx)
         self.privacy = build_privacy(cfg, self)
         self.server = Server(server_state["p_G"], self.settings, t.global_lr or t.lr, d.num_clients,

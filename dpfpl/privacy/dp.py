@@ -90,14 +90,13 @@ class DPPrivacy(Privacy):
 
     mode = "dp"
     per_example = True
-    forced_sampling: Optional[str] = None  # the reference mode runs shuffled batches whatever the config says
 
     def __init__(self, cfg: RunConfig, engine):
         p, t = cfg.privacy, cfg.train
         self.cfg = cfg
         self.C = p.clip_norm
         self.delta = p.delta
-        self.sampling = self.forced_sampling or p.sampling
+        self.sampling = cfg.batch_sampling
         self.unit, self.micro = parse_clip_unit(p.clip_unit)
         self.sens = 1.0 if self.unit == "example" else 2.0  # sensitivity / C of a clipped sum
         self.relation = "add/remove-one example" if self.sampling == "poisson" else "replace-one example"
@@ -333,7 +332,6 @@ class ReferencePrivacy(DPPrivacy):
 
     mode = "reference"
     per_example = False
-    forced_sampling = "shuffle"
 
     def __init__(self, cfg: RunConfig, engine):
         if cfg.privacy.epsilon is None:
