@@ -187,7 +187,7 @@ class ModelCache:
             f = self.root / f"{key}.pt"
             if f.is_file():
                 try:
-                    m = TrainedModel.from_state(torch.load(f, weights_only=False))
+                    m = TrainedModel.from_state(torch.load(f, weights_only=True))
                     self.hits += 1
                     return m
                 except Exception:  # a corrupt cache entry is retrained

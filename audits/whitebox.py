@@ -103,11 +103,11 @@ def _train_with_canaries(cfg, world: World, clients, dirs: dict[int, torch.Tenso
         engine = Engine(cfg, clip=world.clip, dataset=world.dataset, clients_data=clients, **extra)
         _check(cfg, engine)
         priv = engine.privacy
-        orig = priv.contribution
+        orig = priv.release
         inc_t = {i: torch.as_tensor(v, dtype=torch.bool) for i, v in included.items()}
 
-        def contribution(client, G):
-            if client.id in dirs:
+        def release(client, local, G, protocol):
+            if client.id in dirs and G is not None:
                 d = dirs[client.id].to(G.device, G.dtype)
                 q = client.sampler.sampling_rate
                 pick = (torch.rand(d.shape[0], generator=gen) < q) & inc_t[client.id]
@@ -115,12 +115,14 @@ def _train_with_canaries(cfg, world: World, clients, dirs: dict[int, torch.Tenso
                 if rows.shape[0]:
                     if getattr(priv, "per_example", False):
                         G = torch.cat([G, rows])  # norm C: per-example clipping leaves them as they are
+                        # the canaries carry no local gradient (the local prompt is not observed)
+                        local = {k: torch.cat([v, v.new_zeros(rows.shape[0], *v.shape[1:])]) for k, v in local.items()}
                     else:
                         b = len(getattr(client, "last_local_idx", ())) or 0
                         G = (G * b + rows.sum(0)) / (b + rows.shape[0])  # one more example of the mean
-            return orig(client, G)
+            return orig(client, local, G, protocol)
 
-        priv.contribution = contribution  # instance attribute: this engine only
+        priv.release = release  # instance attribute: this engine only
         seq = [engine.server.p_G.detach().clone()]
 
         def step(done: int, total: int) -> None:

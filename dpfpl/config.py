@@ -89,8 +89,12 @@ class PrivacyConfig:
                         ("poisson", "shuffle"))
     dp_level: str = opt("example", "global DP unit: example, or client (fedavg protocol only)",
                         ("example", "client"))
-    noise_seed: Optional[int] = opt(None, "seed of the noise generator (None: derived from seed; "
-                                    "-1: OS entropy)")
+    noise_seed: Optional[int] = opt(None, "seed of the noise and batch-selection generators (None: secret, "
+                                    "from the OS CSPRNG; N: reproducible, public noise, labelled noise_secret=false)")
+    accountant: str = opt("pld", "accountant that calibrates and reports eps: pld (tight: min of PLD and RDP) "
+                          "or rdp", ("pld", "rdp"))
+    secure_noise: bool = opt(False, "draw Gaussian noise and Poisson batches from the OS CSPRNG (4 Box-Muller "
+                             "normals per value, Holohan & Braghin 2021); slower")
 
 
 @dataclass
@@ -183,9 +187,37 @@ class RunConfig:
             raise ConfigError(f"privacy.budget_split must be in [0, 1], got {p.budget_split!r}")
         for name in ("noise_multiplier_local", "noise_multiplier_global"):
             v = getattr(p, name)
-            if v is not None and v < 0:
-                raise ConfigError(f"privacy.{name} must be >= 0, got {v!r}")
+            if v is not None and not (v >= 0 and math.isfinite(v)):
+                raise ConfigError(f"privacy.{name} must be a finite number >= 0, got {v!r}")
+        if p.noise_seed is not None and p.noise_seed < 0:
+            raise ConfigError(f"privacy.noise_seed must be >= 0 (leave it unset for secret noise), got {p.noise_seed!r}")
+        if p.secure_noise and p.noise_seed is not None:
+            raise ConfigError("privacy.secure_noise draws from the OS CSPRNG; it cannot be combined with "
+                              f"privacy.noise_seed={p.noise_seed}")
+        self._check_privacy_options_take_effect()
         return self
+
+    #: privacy options and the modes in which they take effect
+    _PRIVACY_OPTION_MODES = {
+        "epsilon": ("dp", "reference"), "delta": ("dp", "reference"), "clip_norm": ("dp", "reference"),
+        "noise_multiplier_local": ("dp",), "noise_multiplier_global": ("dp",), "budget_split": ("dp",),
+        "clip_unit": ("dp",), "dp_level": ("dp",), "noise_seed": ("dp", "reference"),
+        "secure_noise": ("dp", "reference"), "accountant": ("dp", "reference"),
+    }
+
+    def _check_privacy_options_take_effect(self) -> None:
+        """A privacy option set away from its default in a mode where it cannot act is an error
+        (e.g. ``--epsilon 1`` without ``--privacy dp`` would otherwise train non-privately)."""
+        p, default = self.privacy, PrivacyConfig()
+        for name, modes in self._PRIVACY_OPTION_MODES.items():
+            if p.privacy not in modes and getattr(p, name) != getattr(default, name):
+                hint = "set --privacy dp" if p.privacy == "none" else "reference mode uses the public code's own rule"
+                raise ConfigError(f"privacy.{name}={getattr(p, name)!r} has no effect with privacy={p.privacy} ({hint})")
+        if p.privacy == "dp" and p.budget_split in (0.0, 1.0) and (
+                p.noise_multiplier_local is None and p.noise_multiplier_global is None):
+            raise ConfigError(f"privacy.budget_split={p.budget_split!r} must be strictly between 0 and 1 "
+                              "(it shares the budget between the local and the global noise)")
+
 
 
 # -------------------------------------------------------------------- helpers

@@ -11,8 +11,8 @@ included), its batch sampler and its random generator (batches and factorisation
   optimisers, and sends the copy; the server averages the copies.
 
 Every release of a trained tensor passes through the ``privacy`` object (a
-:class:`dpfpl.privacy.mechanisms.Privacy`): ``privacy.local`` (local update), ``privacy.contribution``
-(client -> server), ``privacy.aggregate`` (server). This is where mechanisms and the accountant act.
+:class:`dpfpl.privacy.mechanisms.Privacy`): ``privacy.release`` (everything one batch releases, one event),
+``privacy.aggregate`` (server). This is where mechanisms and the accountant act.
 """
 
 from __future__ import annotations
@@ -61,13 +61,18 @@ class Client:
         self.id = data.client_id
         self.data, self.method, self.enc, self.store = data, method, enc, store
         self.scale, self.s, self.privacy = scale, settings, privacy
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen = torch.Generator().manual_seed(seed)  # factorisation (public randomness)
         init_gen = torch.Generator().manual_seed(seed + 1)
+        # batch selection: the privacy mechanism's (secret under DP), the run's seed otherwise
+        self._seed = seed
+        self.batch_gen = privacy.batch_generator(self.id, seed)
+        self.batch_gen_secret = bool(getattr(getattr(privacy, "source", None), "secret", False))
         self.local = {k: v.to(store.clip.device).requires_grad_(True)
                       for k, v in method.init_local(settings.n_ctx, enc.width, init_gen).items()}
         self.opt = sgd(list(self.local.values()), settings) if self.local else None
         self.train_idx = torch.as_tensor(data.train_idx, dtype=torch.long)
-        self.sampler = BatchSampler(len(self.train_idx), settings.batch_size, settings.sampling, self.gen)
+        self.sampler = BatchSampler(len(self.train_idx), settings.batch_size, settings.sampling, self.batch_gen,
+                                    source=privacy.batch_source)
         self.used = torch.zeros(len(self.train_idx), dtype=torch.bool)  # membership record
         self.steps = 0
         self.last_loss = float("nan")
@@ -92,12 +97,17 @@ class Client:
         self.last_loss, G = batch_ctx_grad(self.enc, ctx, feats, labels, self.scale)
         return G
 
-    def _local_update(self, view, G: torch.Tensor) -> None:
-        grads = self.privacy.local(self, view.carrier_grads(G))  # noised mean carrier gradients
-        for name, g in view.param_grads(grads).items():
-            self.local[name].grad = g
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+    def _release(self, view, G: torch.Tensor, protocol: str):
+        """Everything this batch releases, through the privacy mechanism in ONE call (one event):
+        the local carrier gradients and the global-prompt gradient. Applies the local update."""
+        carriers = view.carrier_grads(G) if self.method.uses_local else {}
+        out = self.privacy.release(self, carriers, G if self.method.uses_global else None, protocol)
+        if self.method.uses_local:
+            for name, g in view.param_grads(out.local).items():
+                self.local[name].grad = g
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        return out
 
     def step(self, p_G: torch.Tensor) -> Optional[Contribution]:
         """One local step at the current global prompt; returns the global contribution (grad protocol)."""
@@ -105,11 +115,10 @@ class Client:
         view = self.method.local_view(self.local, self.gen, p_G)
         ctx = (p_G.detach() if self.method.uses_global else 0) + view.context()  # (n_ctx, D)
         G = self._grad(ctx, feats, labels)
-        if self.method.uses_local:
-            self._local_update(view, G)
+        out = self._release(view, G, "grad")
         self.steps += 1
         if self.method.uses_global:
-            return self.privacy.contribution(self, G)
+            return Contribution(self.id, out.global_, out.weight, self.n_train)
         return None
 
     def fedavg_round(self, p_G: torch.Tensor, steps: int) -> Contribution:
@@ -121,9 +130,7 @@ class Client:
             view = self.method.local_view(self.local, self.gen, copy)
             ctx = copy.detach() + view.context()
             G = self._grad(ctx, feats, labels)
-            if self.method.uses_local:
-                self._local_update(view, G)
-            copy.grad = self.privacy.local_global(self, G)
+            copy.grad = self._release(view, G, "fedavg").global_
             opt_g.step()
             opt_g.zero_grad(set_to_none=True)
             self.steps += 1
@@ -141,7 +148,7 @@ class Client:
             "local": {k: v.detach().clone() for k, v in self.local.items()},
             "opt": self.opt.state_dict() if self.opt else None,
             "gen": self.gen.get_state(),
-            "sampler": self.sampler.state_dict(),
+            "sampler": self.sampler.state_dict(with_generator=not self.batch_gen_secret),
             "used": self.used.clone(),
             "steps": self.steps,
         }
@@ -153,6 +160,11 @@ class Client:
         if self.opt:
             self.opt.load_state_dict(s["opt"])
         self.gen.set_state(s["gen"])
+        if s["sampler"].get("gen") is None and not self.batch_gen_secret:
+            # no saved state: a new stream keyed by the resume point, never a replay of used batches
+            steps = int(s["steps"])
+            self.batch_gen = self.privacy.batch_generator(self.id, self._seed, key=0 if steps == 0 else 1 + steps)
+            self.sampler.gen = self.batch_gen
         self.sampler.load_state_dict(s["sampler"])
         self.used = s["used"].clone()
         self.steps = s["steps"]

@@ -64,7 +64,7 @@ class TrainProgress(LiveProgress):
     def on_round_end(self, engine, row: dict[str, Any]) -> None:
         total = engine.total_rounds
         acc = f"local {_fmt(row.get('local_acc'))} neigh {_fmt(row.get('neighbor_acc'))}" if "local_acc" in row else ""
-        eps = f" eps {row['epsilon_spent']:.3g}" if row.get("epsilon_spent") is not None else ""
+        eps = f" eps {row['epsilon_spent_rdp']:.3g} (RDP)" if row.get("epsilon_spent_rdp") is not None else ""
         if self.progress:
             if self.rounds_task is None:
                 self.rounds_task = self.progress.add_task("rounds", total=max(total, 1))
@@ -81,7 +81,11 @@ class TrainProgress(LiveProgress):
         t.add_row("neighbour accuracy", _fmt(s.get("neighbor_acc")))
         t.add_row("zero-shot local / neighbour", f"{_fmt(s.get('zeroshot_local_acc'))} / {_fmt(s.get('zeroshot_neighbor_acc'))}")
         if s.get("epsilon_spent") is not None:
-            t.add_row("epsilon spent (RDP)", f"{s['epsilon_spent']:.4g}")
+            t.add_row(f"epsilon spent ({s.get('accountant', 'rdp').upper()})", f"{s['epsilon_spent']:.4g}")
+            if s.get("accountant") == "pld" and s.get("epsilon_rdp") is not None:
+                t.add_row("epsilon spent (RDP)", f"{s['epsilon_rdp']:.4g}")
+        if "noise_secret" in s:
+            t.add_row("noise", "secret (OS CSPRNG)" if s["noise_secret"] else "REPRODUCIBLE from noise_seed (public)")
         if s.get("epsilon_claimed") is not None:
             t.add_row("epsilon claimed (reference rule)", f"{s['epsilon_claimed']:.4g}")
         if s.get("stopped_reason"):

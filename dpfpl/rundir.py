@@ -49,8 +49,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def _clean(obj: Any) -> Any:
-    """JSON-safe: NaN/inf -> None, tensors -> lists."""
-    if isinstance(obj, float) and not math.isfinite(obj):
+    """JSON-safe: NaN -> None (a missing value), +-inf kept (written ``Infinity``: an infinite eps is
+    infinite, never null), tensors -> lists."""
+    if isinstance(obj, float) and math.isnan(obj):
         return None
     if isinstance(obj, dict):
         return {str(k): _clean(v) for k, v in obj.items()}
@@ -115,7 +116,7 @@ class RunDir:
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         f = self.file("checkpoint.pt")
-        return torch.load(f, weights_only=False) if f.is_file() else None
+        return torch.load(f, weights_only=True) if f.is_file() else None
 
     # ------------------------------------------------------------------ per round
     def on_round_end(self, engine, row: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ import pytest
 from dp_accounting import dp_event
 
 from dpfpl.errors import BudgetExhausted, ConfigError
-from dpfpl.privacy import (PrivacyLedger, calibrate_noise_multiplier, calibrate_split, epsilon,
+from dpfpl.privacy import (PrivacyLedger, calibrate_noise_multiplier, epsilon, gaussian_epsilon,
                            event_from_dict, event_to_dict, make_event, pld_epsilon, rdp_epsilon,
                            reference_accounted_events, reference_claimed_epsilon,
                            reference_epsilons, reference_noise_multiplier, reference_sigma)
@@ -62,7 +62,7 @@ def test_events_and_validation():
 
 @pytest.mark.parametrize("eps,q,steps", [(1.0, 0.01, 1000), (0.1, 1.0, 100), (8.0, 256 / 60000, 14062)])
 def test_calibration_round_trip_rdp(eps, q, steps):
-    sigma = calibrate_noise_multiplier(eps, DELTA, q, steps)
+    sigma = calibrate_noise_multiplier(eps, DELTA, q, steps, accountant="rdp")
     got = rdp_epsilon([(make_event(sigma, q), steps)], DELTA)
     assert 0.99 * eps <= got <= eps
 
@@ -71,7 +71,7 @@ def test_calibration_round_trip_pld():
     sigma = calibrate_noise_multiplier(1.0, DELTA, 0.01, 1000, accountant="pld")
     got = pld_epsilon([(make_event(sigma, 0.01), 1000)], DELTA)
     assert 0.99 <= got <= 1.0
-    assert sigma < calibrate_noise_multiplier(1.0, DELTA, 0.01, 1000)  # PLD is tighter
+    assert sigma < calibrate_noise_multiplier(1.0, DELTA, 0.01, 1000, accountant="rdp")  # PLD is tighter
 
 
 @pytest.mark.parametrize("kw", [dict(target_epsilon=0), dict(target_epsilon=-1), dict(delta=0),
@@ -85,21 +85,31 @@ def test_calibration_errors(kw):
         calibrate_noise_multiplier(**args)
 
 
-def test_calibrate_split():
-    kw = dict(local_sampling_rate=0.05, local_steps=500, global_sampling_rate=0.05,
-              global_steps=500, local_releases_per_step=2)
-    sl, sg = calibrate_split(2.0, DELTA, budget_split=0.5, **kw)
-    comp = [(make_event(sl, 0.05), 1000), (make_event(sg, 0.05), 500)]
-    assert 0.99 * 2.0 <= rdp_epsilon(comp, DELTA) <= 2.0
-    local_alone = rdp_epsilon(comp[:1], DELTA)
-    global_alone = rdp_epsilon(comp[1:], DELTA)
-    assert local_alone == pytest.approx(global_alone, rel=2e-3)  # equal shares of the split
-    sl2, sg2 = calibrate_split(2.0, DELTA, budget_split=0.8, **kw)
-    assert sl2 < sl and sg2 > sg  # more budget to local: less local noise
-    none_local = calibrate_split(1.0, DELTA, **(kw | dict(local_steps=0)))
-    assert none_local[0] is None and none_local[1] > 0
-    with pytest.raises(ConfigError):
-        calibrate_split(1.0, DELTA, budget_split=1.0, **kw)
+def test_exact_gaussian_matches_pld_and_handles_huge_eps():
+    """Plain Gaussians: the closed form (Balle & Wang 2018) equals dp-accounting's PLD; at eps ~1e4
+    (a reference-mode run) it is instant where the PLD grid took > 24 GB."""
+    from dp_accounting.pld import PLDAccountant
+
+    for sigma in (0.5, 1.0, 4.0):
+        acc = PLDAccountant(value_discretization_interval=1e-4)
+        acc.compose(dp_event.GaussianDpEvent(sigma))
+        assert gaussian_epsilon(sigma, DELTA) == pytest.approx(acc.get_epsilon(DELTA), rel=1e-5, abs=1e-5)
+    huge = epsilon([(make_event(0.01), 100)], DELTA, "pld")
+    assert 1e4 < huge <= rdp_epsilon([(make_event(0.01), 100)], DELTA)
+
+
+def test_pld_is_skipped_above_its_cap_and_rdp_stands():
+    from dpfpl.privacy import PLD_MAX_EPSILON
+    from dpfpl.privacy.accountants import pld_skipped
+
+    big = [(make_event(0.05, 0.5), 100)]  # Poisson-sampled, RDP eps far above the cap
+    assert rdp_epsilon(big, DELTA) > PLD_MAX_EPSILON and pld_skipped(big, DELTA)
+    assert epsilon(big, DELTA, "pld") == rdp_epsilon(big, DELTA)
+
+
+def test_pld_accountant_is_min_of_valid_bounds():
+    comp = [(make_event(1.1, 0.01), 1000), (make_event(30.0), 3)]
+    assert epsilon(comp, DELTA, "pld") == pytest.approx(min(rdp_epsilon(comp, DELTA), pld_epsilon(comp, DELTA)))
 
 
 # ------------------------------------------------------------------------------- ledger
@@ -128,8 +138,8 @@ def _demo_ledger() -> PrivacyLedger:
     led = PrivacyLedger()
     for r in range(3):
         for i in range(3):
-            led.record(f"client{i}/local", make_event(1.0 + i, 0.02), count=2 * 10, round=r)
-            led.record(f"client{i}/global", make_event(1.5, 0.02 * (i + 1)), count=10, round=r)
+            led.record(f"client{i}/batch", make_event(1.0 + i, 0.02), count=2 * 10, round=r)
+            led.record(f"client{i}/server", make_event(1.5, 0.02 * (i + 1)), count=10, round=r)
         led.close_round(r, DELTA)
     return led
 
@@ -139,10 +149,9 @@ def test_views_and_history():
     row = led.history[-1]["epsilon"]
     for i in range(3):
         pers = row[f"client{i}/personalized"]
-        assert pers >= row[f"client{i}/local"] and pers >= row[f"client{i}/global"]
-        assert pers <= row[f"client{i}/local"] + row[f"client{i}/global"]
-        assert pers == pytest.approx(led.rdp_epsilon([f"client{i}/local", f"client{i}/global"], DELTA))
-    assert row["global"] == max(row[f"client{i}/global"] for i in range(3)) == row["client2/global"]
+        assert pers >= row[f"client{i}/batch"] and pers >= row[f"client{i}/server"]
+        assert pers <= row[f"client{i}/batch"] + row[f"client{i}/server"]
+        assert pers == pytest.approx(led.rdp_epsilon([f"client{i}/batch", f"client{i}/server"], DELTA))
     curve = [h["epsilon"]["client0/personalized"] for h in led.history]
     assert curve == sorted(curve) and len(set(curve)) == 3
 
@@ -155,14 +164,14 @@ def test_state_dict_round_trip():
     for s in led.subjects:
         assert back.rdp_epsilon(s, DELTA) == led.rdp_epsilon(s, DELTA)
         assert back.entries(s) == led.entries(s)
-    back.record("client0/local", make_event(1.0, 0.02), count=20)  # resumed run keeps spending
-    assert back.rdp_epsilon("client0/local", DELTA) > led.rdp_epsilon("client0/local", DELTA)
-    assert len(back.entries("client0/local")) == 1  # merged with the restored run
+    back.record("client0/batch", make_event(1.0, 0.02), count=20)  # resumed run keeps spending
+    assert back.rdp_epsilon("client0/batch", DELTA) > led.rdp_epsilon("client0/batch", DELTA)
+    assert len(back.entries("client0/batch")) == 1  # merged with the restored run
 
 
 def test_would_exceed():
     steps, q, eps = 200, 0.05, 1.0
-    sigma = calibrate_noise_multiplier(eps, DELTA, q, steps)
+    sigma = calibrate_noise_multiplier(eps, DELTA, q, steps, accountant="rdp")
     led = PrivacyLedger()
     ev = make_event(sigma, q)
     for _ in range(steps - 1):
@@ -231,7 +240,7 @@ def test_cli_calibrate_and_per_round(capsys):
     rc, out, _ = _cli(["--calibrate", "--epsilon", "0.5", "--steps-per-round", "10", "--rounds", "5",
                        "--per-round", "--json"], capsys)
     d = json.loads(out)
-    assert rc == 0 and d["steps"] == 50 and 0.495 <= d["rdp_epsilon"] <= 0.5
+    assert rc == 0 and d["steps"] == 50 and 0.49 <= d["pld_epsilon"] <= 0.5 < d["rdp_epsilon"]  # PLD by default
     assert len(d["per_round"]) == 5 and d["per_round"][-1]["rdp_epsilon"] == d["rdp_epsilon"]
 
 

@@ -192,7 +192,7 @@ def test_membership_record_matches_engine_reads(tiny_clip, tiny_dataset, make_cf
 
 
 def test_positive_and_negative_controls_end_to_end(tiny_clip, tiny_dataset, make_cfg, tmp_path, monkeypatch):
-    cfg = _cfg(make_cfg, rounds=10, shots=6)  # few shots, many steps: memorisation
+    cfg = _cfg(make_cfg, rounds=14, shots=6)  # few shots, many steps: memorisation
     world = _random_world(cfg, tiny_clip, tiny_dataset)
     attacks = ["loss", "shadow", "lira", "rmia", "canary"]
     s = AuditSettings(attacks=attacks, shadows=4, client="all", canaries=20)

@@ -28,7 +28,6 @@ round on every ``eval_every``-th round. Fault policy: :class:`~dpfpl.flower.engi
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -49,6 +48,7 @@ from ..data.partition import ClientData
 from ..errors import BudgetExhausted, ConfigError, DpfplError
 from ..federation import Contribution
 from ..rundir import RunDir, atomic_write_json
+from ..serialize import pack, unpack
 from .engine import Fault, FaultPolicy, FlowerEngine, Job
 
 log = logging.getLogger("dpfpl.flower")
@@ -56,13 +56,12 @@ log = logging.getLogger("dpfpl.flower")
 
 # ------------------------------------------------------------------------------------- codecs
 def dumps(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+    """Message blobs are safetensors + JSON (:mod:`dpfpl.serialize`): nothing received is unpickled."""
+    return pack(obj)
 
 
 def loads(data: bytes) -> Any:
-    return torch.load(io.BytesIO(bytes(data)), weights_only=False)
+    return unpack(data)
 
 
 def tensors_record(**tensors: torch.Tensor) -> ArrayRecord:
@@ -116,24 +115,41 @@ def client_engine(cfg_json: str, model_init_seed: Optional[int], threads: int) -
 
 
 def snapshot(eng, client) -> dict[str, Any]:
-    """Everything a client carries between messages (and the server stores in checkpoints)."""
+    """What a client reports between messages (and the server stores in checkpoints): its public
+    training state and its cumulative ledger. Never a noise or batch-selection generator state:
+    those stay in the ClientApp (:func:`private_state`)."""
     priv = eng.privacy
-    gens = getattr(priv, "client_gens", None)
-    return {"client": client.state_dict(),
-            "noise_gen": gens[client.id].get_state() if gens else None,
+    state = client.state_dict()
+    state["sampler"] = {**state["sampler"], "gen": None}  # batch selection stays in the ClientApp
+    return {"client": state,
             "ledger": priv.ledger.state_dict() if priv.ledger is not None else None,
             "draws": int(getattr(priv, "draws", 0))}
 
 
+def private_state(eng, client) -> Optional[dict[str, Any]]:
+    """Client-private generator states kept in the node's own ``context.state`` (never in a reply).
+    Non-secret runs (non-private, or reproducible ``noise_seed``) need them: secret generators continue in the
+    process, or start from fresh secret entropy in another one."""
+    src = getattr(eng.privacy, "source", None)
+    if src is not None and src.secret:
+        return None
+    return {"noise_gen": eng.privacy.client_gens[client.id].get_state() if src is not None else None,
+            "batch_gen": client.batch_gen.get_state()}
+
+
+def restore_private(eng, client, state: Optional[dict[str, Any]]) -> None:
+    if state:
+        if state.get("noise_gen") is not None:
+            eng.privacy.client_gens[client.id].set_state(state["noise_gen"])
+        client.batch_gen.set_state(state["batch_gen"])
+
+
 def restore(eng, client, snap: dict[str, Any]) -> None:
     """Rehydrate ``client`` (and its share of the privacy mechanism) from a snapshot."""
-    from ..privacy.accounting import PrivacyLedger
+    from ..privacy.ledger import PrivacyLedger
 
     priv = eng.privacy
     client.load_state_dict(snap["client"])
-    gens = getattr(priv, "client_gens", None)
-    if gens and snap.get("noise_gen") is not None:
-        gens[client.id].set_state(snap["noise_gen"])
     if priv.ledger is not None:
         priv.ledger = PrivacyLedger.from_state_dict(snap["ledger"]) if snap.get("ledger") else PrivacyLedger()
     if hasattr(priv, "draws"):
@@ -185,6 +201,10 @@ def handle(op: str, msg: Message, context: Context) -> Message:
     else:
         blob = pristine[pid]
     restore(eng, client, loads(blob))
+    if op == "restore" and "private" in conf:  # reproducible noise resumed from a checkpoint that had it
+        context.state["dpfpl-private"] = ConfigRecord({"blob": bytes(conf["private"])})
+    if "dpfpl-private" in context.state:
+        restore_private(eng, client, loads(bytes(context.state["dpfpl-private"]["blob"])))
     arrays: dict[str, torch.Tensor] = {}
     metrics: dict[str, Any] = {"partition_id": pid, "process": os.getpid(), "build_s": build_s}
     config: dict[str, Any] = {}
@@ -227,6 +247,9 @@ def handle(op: str, msg: Message, context: Context) -> Message:
     if changed:
         blob = dumps(snapshot(eng, client))
         context.state["dpfpl"] = ConfigRecord({"blob": blob})
+        priv_state = private_state(eng, client)
+        if priv_state is not None:  # the node's own state: never part of a reply
+            context.state["dpfpl-private"] = ConfigRecord({"blob": dumps(priv_state)})
     if eng.privacy.ledger is not None:
         config["ledger"] = json.dumps(eng.privacy.ledger.state_dict())
     metrics.update(draws=int(getattr(eng.privacy, "draws", 0)), steps=int(client.steps))
@@ -565,7 +588,9 @@ class DPFPLStrategy(Strategy):
         e.load_state_dict(self.job.checkpoint)
         n = len(e.clients)
         got, failed = self._exchange(grid, "query", "restore", list(range(n)), e.round, None, None, {},
-                                     per_cid=lambda cid: {"state": dumps(e.clients[cid].snapshot)})
+                                     per_cid=lambda cid: {"state": dumps(e.clients[cid].snapshot),
+                                                          **({"private": dumps(e.restore_private[cid])}
+                                                             if cid in e.restore_private else {})})
         if failed:
             raise DpfplError(f"cannot resume: clients {sorted(failed)} did not take their checkpointed state")
         for cid, m in got.items():

@@ -52,7 +52,7 @@ from ..train import open_run
 from ..sampling import BatchSampler
 
 FLOWER_HINT = "pip install 'dpfpl[flower]'"
-_SUBJECT = re.compile(r"^client(\d+)/(local|global)$")
+_SUBJECT = re.compile(r"^client(\d+)/(batch|server)$")
 
 
 # ---------------------------------------------------------------------------------------- setup
@@ -203,6 +203,8 @@ class FlowerEngine(EngineRecord):
         self.history: list[dict[str, Any]] = []
         self.stopped_reason: Optional[str] = None
         self._zeroshot = zeroshot
+        self.restore_private: dict[int, dict[str, Any]] = {}
+        self.privacy.owns_client_generators = False  # the clients' generators live in the ClientApps
         # accounting of client-side releases
         self.reports: dict[int, dict[str, Any]] = {}  # cid -> {"entries", "draws", "steps"}
         self.lost_steps: dict[int, int] = defaultdict(int)  # steps whose reply never came, unconfirmed
@@ -229,9 +231,14 @@ class FlowerEngine(EngineRecord):
         self.history = list(s["history"])
         self.stopped_reason = s.get("stopped_reason")
         ledger = self.privacy.ledger.state_dict() if self.privacy.ledger is not None else None
-        gens = getattr(self.privacy, "client_gens", None)
+        # reproducible noise from an in-process checkpoint: hand each client back its own generators
+        gens = s["privacy"].get("client_gens") if isinstance(s.get("privacy"), dict) else None
+        self.restore_private = {c.id: {"noise_gen": gens[c.id] if c.id in gens else gens[str(c.id)],
+                                       "batch_gen": cs["sampler"].get("gen")}
+                                for c, cs in zip(self.clients, s["clients"])
+                                if gens and cs["sampler"].get("gen") is not None}
         for c, cs in zip(self.clients, s["clients"]):
-            snap = {"client": cs, "noise_gen": gens[c.id].get_state() if gens else None, "draws": 0,
+            snap = {"client": cs, "draws": 0,
                     "ledger": None if ledger is None else {
                         "version": ledger["version"], "history": [],
                         "entries": {k: v for k, v in ledger["entries"].items() if self._client_subject(k) == c.id}}}
@@ -251,9 +258,6 @@ class FlowerEngine(EngineRecord):
         rec = self.clients[cid]
         rec.snapshot = snap
         rec.sampler.load_state_dict(snap["client"]["sampler"])
-        gens = getattr(self.privacy, "client_gens", None)
-        if gens is not None and snap.get("noise_gen") is not None:
-            gens[cid].set_state(snap["noise_gen"])
         if snap.get("ledger") is not None:
             self.report_ledger(cid, snap["ledger"], int(snap.get("draws", 0)), rec.steps)
 
@@ -269,33 +273,22 @@ class FlowerEngine(EngineRecord):
         m = _SUBJECT.match(subject)
         if not m:
             return None
-        if m.group(2) == "local" or self.protocol == "fedavg":
+        if m.group(2) == "batch":  # a batch's event is recorded by the client that drew the batch
             return int(m.group(1))
         return None
 
     def _planned_entries(self, cid: int, steps: int) -> dict[str, list[dict[str, Any]]]:
         """Upper bound on the client-side events of ``steps`` unconfirmed steps (a reply that never
-        came and no later report): one Gaussian per step and carrier, amplified only under Poisson."""
-        from ..privacy.accounting import event_to_dict, make_event
+        came and no later report): the client's own batch mechanism's event for every step (each
+        step counted as starting an epoch under shuffled batches)."""
+        from ..privacy.events import event_to_dict
 
         p = self.privacy
-        if steps <= 0 or p.ledger is None:
+        if steps <= 0 or p.ledger is None or not hasattr(p, "mechanisms") or not p.mechanisms[cid].releases:
             return {}
-        reference = p.mode == "reference"
-
-        def entry(nm: float, per_step: int) -> list[dict[str, Any]]:
-            eff = nm / p.sens
-            ev = (make_event(eff, p.q[cid], "poisson") if p.sampling == "poisson" and not reference
-                  else make_event(eff, 1.0, "none"))
-            return [{"event": event_to_dict(ev), "count": steps * per_step, "first_round": None, "last_round": None}]
-
-        out: dict[str, list[dict[str, Any]]] = {}
-        if self.method.uses_local and p.nm_local:
-            out[f"client{cid}/local"] = entry(p.nm_local, 2 if reference else 1)
-        if (self.protocol == "fedavg" and self.method.uses_global and p.nm_global
-                and not getattr(p, "client_level", False)):
-            out[f"client{cid}/global"] = entry(p.nm_global, 1)
-        return out
+        ev = p.mechanisms[cid].joint_event
+        return {f"client{cid}/batch": [{"event": event_to_dict(ev), "count": steps, "first_round": None,
+                                         "last_round": None}]}
 
     def unconfirmed(self) -> list[int]:
         return sorted(c for c, n in self.lost_steps.items() if n > 0)

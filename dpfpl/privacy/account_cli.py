@@ -19,7 +19,7 @@ import sys
 from typing import Any, Optional
 
 from ..errors import ConfigError
-from . import accounting as acc
+from . import accountants, calibration, events, reference
 
 HELP = "epsilon of a planned run (RDP and PLD), noise calibration, reference-mode claim"
 
@@ -35,13 +35,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-multiplier", type=float, help="noise std / clipping bound")
     p.add_argument("--sampling-rate", type=float, default=1.0, help="Poisson sampling rate q")
-    p.add_argument("--sampling", default="poisson", choices=acc.SAMPLINGS,
+    p.add_argument("--sampling", default="poisson", choices=events.SAMPLINGS,
                    help="poisson (amplified) or none/shuffle (plain Gaussian per step)")
     p.add_argument("--steps", type=int, help="number of releases (default: steps-per-round x rounds)")
     p.add_argument("--delta", type=float, default=1e-5, help="target delta")
     p.add_argument("--epsilon", type=float, help="target epsilon (--calibrate, --reference)")
     p.add_argument("--calibrate", action="store_true", help="find the noise multiplier for --epsilon")
-    p.add_argument("--accountant", default="rdp", choices=("rdp", "pld"),
+    p.add_argument("--accountant", default="pld", choices=("rdp", "pld"),
                    help="accountant used by --calibrate")
     p.add_argument("--per-round", action="store_true", help="print the eps curve of a planned run")
     p.add_argument("--steps-per-round", type=int, help="releases per round")
@@ -67,7 +67,7 @@ def _need(args: argparse.Namespace, *names: str, why: str) -> None:
 
 def compute(args: argparse.Namespace) -> dict[str, Any]:
     """The result of an ``account`` invocation as a JSON-able dict (raises ConfigError)."""
-    delta = acc._check_delta(args.delta)
+    delta = events.check_delta(args.delta)
     if args.dataset_size is not None:
         if args.dataset_size < 1:
             raise ConfigError(f"--dataset-size must be >= 1, got {args.dataset_size}")
@@ -75,69 +75,69 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
             print(f"warning: delta={delta:g} >= 1/n = {1 / args.dataset_size:g}: such a delta "
                   "allows releasing an example outright; use delta << 1/n", file=sys.stderr)
     if args.epsilon is not None:
-        acc._check_epsilon(args.epsilon)
+        events.check_epsilon(args.epsilon)
     if args.noise_multiplier is not None:
-        acc._check_noise(args.noise_multiplier)
+        events.check_noise(args.noise_multiplier)
 
     if args.reference:
         _need(args, "epsilon", "rounds", "batch-size", "steps-per-round", "clients", why="--reference")
-        sigma = acc.reference_sigma(args.epsilon, args.rounds, delta)
-        ev = acc.reference_accounted_events(sigma, args.batch_size, args.steps_per_round, args.rounds,
+        sigma = reference.reference_sigma(args.epsilon, args.rounds, delta)
+        ev = reference.reference_accounted_events(sigma, args.batch_size, args.steps_per_round, args.rounds,
                                             args.clients, sensitivity_factor=args.sensitivity_factor)
         out = {"mode": "reference", "epsilon": args.epsilon, "delta": delta, "rounds": args.rounds,
                "batch_size": args.batch_size, "steps_per_round": args.steps_per_round,
                "clients": args.clients, "sensitivity_factor": args.sensitivity_factor,
                "reference_sigma": sigma,
-               "effective_noise_multiplier": acc.reference_noise_multiplier(
+               "effective_noise_multiplier": reference.reference_noise_multiplier(
                    sigma, args.batch_size, args.sensitivity_factor),
-               "claimed_epsilon": acc.reference_claimed_epsilon(sigma, args.rounds, delta),
+               "claimed_epsilon": reference.reference_claimed_epsilon(sigma, args.rounds, delta),
                "releases": {k: sum(n for _, n in v) for k, v in ev.items()}}
         for view in ("local", "global", "personalized"):
-            out[f"accounted_rdp_epsilon_{view}"] = acc.rdp_epsilon(ev[view], delta)
-        out["accounted_pld_epsilon_personalized"] = acc.pld_epsilon(ev["personalized"], delta)
+            out[f"accounted_rdp_epsilon_{view}"] = accountants.rdp_epsilon(ev[view], delta)
+        out["accounted_pld_epsilon_personalized"] = accountants.pld_epsilon(ev["personalized"], delta)
         out["accounted_epsilon"] = out["accounted_rdp_epsilon_personalized"]
         if args.dataset_size:  # replace-one: one exposure per epoch (what the engine records)
             epochs = math.ceil(args.rounds * args.steps_per_round * args.batch_size / args.dataset_size)
-            ev_e = acc.reference_accounted_events(sigma, args.batch_size, args.steps_per_round, args.rounds,
+            ev_e = reference.reference_accounted_events(sigma, args.batch_size, args.steps_per_round, args.rounds,
                                                   args.clients, sensitivity_factor=args.sensitivity_factor,
                                                   epochs=epochs)
             out["epochs"] = epochs
-            out["accounted_rdp_epsilon_personalized_per_epoch"] = acc.rdp_epsilon(ev_e["personalized"], delta)
+            out["accounted_rdp_epsilon_personalized_per_epoch"] = accountants.rdp_epsilon(ev_e["personalized"], delta)
             out["accounted_epsilon"] = out["accounted_rdp_epsilon_personalized_per_epoch"]
         return out
 
     if args.steps is None and args.steps_per_round is not None and args.rounds is not None:
-        steps = acc._check_steps(args.steps_per_round, "--steps-per-round") * \
-            acc._check_steps(args.rounds, "--rounds")
+        steps = events.check_steps(args.steps_per_round, "--steps-per-round") * \
+            events.check_steps(args.rounds, "--rounds")
     else:
         _need(args, "steps", why="accounting")
-        steps = acc._check_steps(args.steps, "--steps")
-    q = acc._check_rate(args.sampling_rate, "--sampling-rate")
+        steps = events.check_steps(args.steps, "--steps")
+    q = events.check_rate(args.sampling_rate, "--sampling-rate")
     out: dict[str, Any] = {"mode": "account", "sampling_rate": q, "sampling": args.sampling,
                            "steps": steps, "delta": delta}
     if args.calibrate:
         _need(args, "epsilon", why="--calibrate")
-        nm = acc.calibrate_noise_multiplier(args.epsilon, delta, q, steps, args.sampling,
+        nm = calibration.calibrate_noise_multiplier(args.epsilon, delta, q, steps, args.sampling,
                                             args.accountant)
         out.update(mode="calibrate", target_epsilon=args.epsilon, accountant=args.accountant)
     else:
         _need(args, "noise-multiplier", why="accounting")
         nm = args.noise_multiplier
     out["noise_multiplier"] = nm
-    event = acc.make_event(nm, q, args.sampling)
-    out["rdp_epsilon"] = acc.rdp_epsilon([(event, steps)], delta)
-    out["pld_epsilon"] = acc.pld_epsilon([(event, steps)], delta)
+    event = events.make_event(nm, q, args.sampling)
+    out["rdp_epsilon"] = accountants.rdp_epsilon([(event, steps)], delta)
+    out["pld_epsilon"] = accountants.pld_epsilon([(event, steps)], delta)
 
     if args.per_round:
         _need(args, "steps-per-round", "rounds", why="--per-round")
-        s = acc._check_steps(args.steps_per_round, "--steps-per-round")
-        r = acc._check_steps(args.rounds, "--rounds")
+        s = events.check_steps(args.steps_per_round, "--steps-per-round")
+        r = events.check_steps(args.rounds, "--rounds")
         out["per_round"] = [{"round": i, "steps": i * s,
-                             "rdp_epsilon": acc.rdp_epsilon([(event, i * s)], delta)}
+                             "rdp_epsilon": accountants.rdp_epsilon([(event, i * s)], delta)}
                             for i in range(1, r + 1)]
         if args.pld:
             from dp_accounting.pld import PLDAccountant
-            pld = PLDAccountant(value_discretization_interval=acc.PLD_DISCRETIZATION)
+            pld = PLDAccountant(value_discretization_interval=accountants.PLD_DISCRETIZATION)
             for row in out["per_round"]:
                 pld.compose(event, s)  # incremental: the accountant keeps the composed PLD
                 row["pld_epsilon"] = float(pld.get_epsilon(delta))

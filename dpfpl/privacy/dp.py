@@ -3,110 +3,115 @@
 Neighbouring relation and units (stated in every run's ledger):
 
 - Poisson sampling (default): add/remove one example of a client's training set. Each step every
-  example of client i is in the batch independently with probability q_i = B / n_i, so each
-  release is a Poisson-subsampled Gaussian (amplification is valid).
+  example of client i is in the batch independently with probability q_i = min(1, B / n_i), so a
+  step is a Poisson-subsampled release (amplification is valid while the coin flips stay secret:
+  :mod:`dpfpl.privacy.randomness`).
 - Shuffled fixed-size batches: replace one example. An epoch's batches partition the client's data
-  independently of its values, so by parallel composition one epoch costs one Gaussian release
-  (no amplification); every step's draw is recorded, the first of each epoch as the Gaussian, the
-  others as no-op events.
+  independently of its values, so by parallel composition one epoch costs one release (no
+  amplification); the first batch of each epoch carries the event, the others no-op events.
 
-Clipping units: ``example`` (default; sensitivity C of a sum of clipped contributions under
-add/remove), ``microbatch:M`` (fixed groups of M consecutive training indices, each group's
-sum clipped at C: one example changes one group's clipped sum by up to 2C) and ``batch`` (the
-batch sum clipped at C: sensitivity 2C). The noise std on a sum is always noise_multiplier x C;
-the accountant gets noise_multiplier / (sensitivity / C), and calibration accounts for that.
+Clipping units: ``example`` (default; a clipped contribution moves the sum by C under add/remove,
+2C under replace), ``microbatch:M`` (fixed groups of M consecutive training positions, each
+group's sum clipped at C: one example changes one group's clipped sum by up to 2C; the groups are
+positions, so this holds under replace-one, and under add/remove-one only with the convention that
+an example's group is part of the example, nobody else moving) and ``batch`` (the batch sum
+clipped at C: 2C). Noise std on a sum is noise_multiplier x C; the accountant gets
+noise_multiplier / sensitivity.
 
-Mechanisms (paper Sec. 4.2, example-level DP of each client's data):
-- local: per step, the per-unit-clipped sum of the local carrier gradients (u and v clipped
-  JOINTLY for dpfpl / dpfpl-nores / fedpgp; the full local gradient for fedotp / local) plus
-  N(0, (nm_L C)^2), divided by the expected batch size. Subject ``client{i}/local``.
-- global (grad protocol): clients send per-unit-clipped sums of global-prompt gradients; the
-  server adds N(0, (nm_G C)^2) ONCE to the total and divides by the total expected batch size
-  (trusted server). Subject ``client{i}/global`` with client i's own sampling rate.
-- global (fedavg protocol, example level): each local step of the client's copy of p_G is a
-  DP-SGD step with nm_G (subject ``client{i}/global``); client level (``dp_level=client``):
-  DP-FedAvg, each client's update clipped at C, N(0, (nm_G C)^2) on the server's sum (subject
-  ``server/client_level``; a client-level guarantee, reported separately).
+One batch, one event (paper Sec. 4.2, example-level DP of each client's data): a client's step
+releases its local carrier gradients (u and v clipped JOINTLY for dpfpl / dpfpl-nores / fedpgp; the
+full local gradient for fedotp / local) with N(0, (nm_L C)^2) and its global-prompt gradient with
+N(0, (nm_G C)^2) (added by the server on the sum over clients under the ``grad`` protocol, by the
+client under example-level ``fedavg``), both from ONE batch: the step's event is
+``PoissonSampled(q_i, Gaussian(s))`` with s^-2 = (nm_L/sens)^-2 + (nm_G/sens)^-2, recorded once
+under ``client{i}/batch`` (:class:`~dpfpl.privacy.release.BatchMechanism`).
+
+Client-level DP-FedAvg (``dp_level=client``, fedavg protocol): the local release stays example-level
+per step; each round the server adds N(0, (nm_G C)^2) to the sum of the sampled clients' updates,
+each clipped at C. That is client-level DP of the global prompt (``server/client_level``,
+Gaussian(nm_G) under add/remove-one-client), and, since one example moves its client's clipped
+update by at most 2C, an example-level release ``client{i}/server`` = Gaussian(nm_G / 2) that the
+personalised guarantee composes with the local one.
+
+What each reported epsilon covers (summary.json ``epsilon_covers``):
+- ``epsilon_spent``: max over clients i of the example-level eps of EVERY release that depends on
+  client i's data (personalised prompt, global prompt and everything sent), by the run's accountant;
+- ``epsilon_global``: example-level eps of the released global prompt p_G. Under example-level DP
+  that is ``epsilon_spent`` (p_G's gradients are taken at p_G + p_L(i), and p_L(i) depends on client
+  i's data, so no smaller bound holds); under client-level DP the server's releases alone bound it
+  (for fixed internal randomness only client i's clipped update moves, by 2C);
+- ``epsilon_client_level``: client-level eps of p_G (client-level DP only).
+
+Calibration (target eps -> noise) runs :func:`dpfpl.privacy.calibration.calibrate` on the planned
+events of the client that spends most (the smallest training set), built by the same code that
+builds the mechanisms the steps call. A fixed multiplier leaves the rest of the budget to the free
+one; nothing left, or explicit multipliers above the target, is an error before any work.
 
 Reference mode (``privacy=reference``) reproduces the public DP-FPL code's rule (digest Sec. 4):
 batch-MEAN gradients clipped at C per tensor (u, v, global separately), noise std sigma C / B with
 sigma = sqrt(rounds log(1/delta)) / eps on every minibatch, server std = that / N. Its eps is a
 CLAIM (``epsilon_claimed``); ``epsilon_spent`` is what our accountant gives for the mechanism it
-really runs (batch clipping: sensitivity 2C, noise multiplier sigma / (2B)).
+really runs (batch-mean clipping: sensitivity 2C; every tensor a release of the same batch).
 """
 
 from __future__ import annotations
 
 import math
-import secrets
 import sys
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from dp_accounting import dp_event
 
 from ..config import RunConfig
-from ..errors import ConfigError
+from ..errors import BudgetExhausted, ConfigError
 from ..federation import Contribution
-from .accounting import (PrivacyLedger, calibrate_noise_multiplier, calibrate_split, make_event,
-                         reference_claimed_epsilon, reference_noise_multiplier, reference_sigma)
-from .mechanisms import Privacy
+from ..sampling import BatchSampler
+from .accountants import epsilon, pld_skipped
+from .calibration import calibrate
+from .events import event_key, group, make_event
+from .ledger import BUDGET_SLACK, PrivacyLedger
+from .mechanisms import BatchOutput, Privacy
+from .randomness import NoiseSource
+from .reference import reference_claimed_epsilon, reference_noise_multiplier, reference_sigma
+from .release import BatchMechanism, GaussianRelease, ReferenceBatchMechanism, clip_and_sum, parse_clip_unit
 
-NOOP = dp_event.NoOpDpEvent()
+__all__ = ["DPPrivacy", "ReferencePrivacy", "build_dp_privacy", "clip_and_sum", "parse_clip_unit"]
 
+Plan = list[tuple[dp_event.DpEvent, int]]
 
-def parse_clip_unit(unit: str) -> tuple[str, int]:
-    """'example' -> ('example', 1); 'microbatch:M' -> ('microbatch', M); 'batch' -> ('batch', 0)."""
-    if unit in ("example", "batch"):
-        return unit, 1 if unit == "example" else 0
-    if unit.startswith("microbatch:"):
-        try:
-            m = int(unit.split(":", 1)[1])
-        except ValueError:
-            m = 0
-        if m >= 1:
-            return ("example", 1) if m == 1 else ("microbatch", m)
-    raise ConfigError(f"privacy.clip_unit={unit!r}: expected example, microbatch:M (M >= 1) or batch")
-
-
-def clip_and_sum(grads: dict[str, torch.Tensor], units: torch.Tensor, n_units: int, C: float) -> dict[str, torch.Tensor]:
-    """Sum per clipping unit, clip each unit's joint norm (over all tensors) to C, sum the units.
-
-    grads: name -> (B, *shape); units: (B,) unit id of each example in [0, n_units).
-    Returns name -> (*shape).
-    """
-    if not grads:
-        return {}
-    sums = {k: torch.zeros(n_units, *g.shape[1:], dtype=g.dtype, device=g.device).index_add_(0, units, g)
-            for k, g in grads.items()}  # (U, *shape)
-    sq = sum(s.flatten(1).pow(2).sum(1) for s in sums.values())  # (U,)
-    factor = (C / (sq.sqrt() + 1e-12)).clamp(max=1.0)  # (U,)
-    return {k: (s * factor.view(-1, *[1] * (s.dim() - 1))).sum(0) for k, s in sums.items()}
+EPSILON_COVERS = {
+    "epsilon_spent": "example-level, max over clients of every release that depends on the client's data "
+                     "(personalised prompt, global prompt, everything sent)",
+    "epsilon_global": "example-level, the released global prompt",
+    "epsilon_client_level": "client-level (add/remove one client), the released global prompt",
+}
 
 
 class DPPrivacy(Privacy):
-    """Example-level DP with per-unit clipping, Gaussian noise and a dp-accounting ledger."""
+    """Example-level DP with per-unit clipping, one event per batch, secret noise, a dp-accounting ledger."""
 
     mode = "dp"
     per_example = True
+    batch_mechanism = BatchMechanism
 
     def __init__(self, cfg: RunConfig, engine):
         p, t = cfg.privacy, cfg.train
         self.cfg = cfg
         self.C = p.clip_norm
         self.delta = p.delta
+        self.accountant = p.accountant
         self.sampling = cfg.batch_sampling
         self.unit, self.micro = parse_clip_unit(p.clip_unit)
-        self.sens = 1.0 if self.unit == "example" else 2.0  # sensitivity / C of a clipped sum
-        self.relation = "add/remove-one example" if self.sampling == "poisson" else "replace-one example"
-        if self.sampling == "shuffle" and self.unit == "example":
-            self.sens = 2.0  # replace-one: a clipped contribution can move by 2C
         self.method = engine.method
         self.protocol = engine.protocol
         self.client_level = p.dp_level == "client"
         if self.client_level and self.protocol != "fedavg":
             raise ConfigError("privacy.dp_level=client needs the fedavg protocol (--protocol fedavg)")
+        if self.client_level and not self.method.uses_global:
+            raise ConfigError(f"privacy.dp_level=client protects the global prompt; method {self.method.name} has none")
+        self.sens = self._sensitivity()
+        self.relation = self._relation()
         self.batch_size = t.batch_size
         self.n = {c.client_id: len(c.train_idx) for c in engine.clients_data}
         self.q = {i: min(1.0, t.batch_size / n) for i, n in self.n.items()}
@@ -116,131 +121,211 @@ class DPPrivacy(Privacy):
                   "(the smallest client's training set): the guarantee is weak", file=sys.stderr)
         self.epsilon_target = p.epsilon
         self.ledger = PrivacyLedger()
-        # noise generators, apart from data/init randomness: the server's (global noise) and one per
-        # client (local noise, drawn where the client runs)
-        seed = p.noise_seed
-        if seed is None:
-            seed = int(np.random.SeedSequence([t.seed, 0x5EED]).generate_state(1)[0])
-        elif seed == -1:
-            seed = secrets.randbits(63)
-        self.noise_seed = seed
-        self.gen = torch.Generator().manual_seed(seed)
-        self.client_gens = {i: torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
-                            for i in self.n}
+        self.source = NoiseSource(p.noise_seed, p.secure_noise)
+        self.gen = self.source.generator(0)  # the server's global noise
+        self.client_gens = {i: self.source.generator(1, i) for i in self.n}  # local noise, where the client runs
         self.draws = 0  # noise draws made (tests compare with the ledger)
         self.rounds = t.rounds
         self.local_steps = engine.local_steps
-        self.nm_local, self.nm_global = self._noise_multipliers(p)
+        self.multiplier_history: list[dict[str, Any]] = []
+        self.owns_client_generators = True  # False on a Flower server (the ClientApps own them)
+        nm_l, nm_g = self._noise_multipliers(p)
+        self._use_multipliers(nm_l, nm_g, from_round=0)
+
+    # ------------------------------------------------------------------ structure
+    def _sensitivity(self) -> float:
+        """Sensitivity / C of one clipped sum under the run's relation."""
+        if self.unit == "example" and self.sampling == "poisson":
+            return 1.0
+        return 2.0  # replace-one (shuffle), or a group (microbatch, batch) that one example changes
+
+    def _relation(self) -> str:
+        rel = "add/remove-one example" if self.sampling == "poisson" else "replace-one example"
+        if self.unit == "microbatch" and self.sampling == "poisson":
+            rel += " (microbatch groups are fixed training positions // M: an added example joins one group)"
+        return rel
+
+    @property
+    def has_local(self) -> bool:
+        return self.method.uses_local
+
+    @property
+    def has_global_batch(self) -> bool:
+        """The global prompt's gradient is released per batch (example level)."""
+        return self.method.uses_global and not self.client_level
+
+    def batch_generator(self, client_id: int, seed: int, key: int = 0) -> torch.Generator:
+        return self.source.generator(2, client_id, key)
+
+    @property
+    def batch_source(self):
+        return self.source if self.source.secure else None
+
+    def _parts(self, nm_l: Optional[float], nm_g: Optional[float]) -> tuple[GaussianRelease, ...]:
+        parts = []
+        if self.has_local:
+            parts.append(GaussianRelease("local", nm_l, self.C, self.sens))
+        if self.has_global_batch:
+            parts.append(GaussianRelease("global", nm_g, self.C, self.sens,
+                                         noise_at="server" if self.protocol == "grad" else "client"))
+        return tuple(parts)
+
+    def mechanism_for(self, client_id: int, nm_l: Optional[float] = None, nm_g: Optional[float] = None) -> BatchMechanism:
+        """The :class:`BatchMechanism` client ``client_id``'s steps call (current multipliers by default)."""
+        nm_l = self.nm_local if nm_l is None else nm_l
+        nm_g = self.nm_global if nm_g is None else nm_g
+        return self.batch_mechanism(self._parts(nm_l, nm_g), self.q[client_id],
+                                    "poisson" if self.sampling == "poisson" else "shuffle", self.unit, self.micro)
+
+    def _server_events(self, nm_g: float) -> tuple[dp_event.DpEvent, dp_event.DpEvent]:
+        """(example-level event for one contributing client, client-level event) of one client-level round."""
+        return make_event(nm_g / 2.0, 1.0, "none"), make_event(nm_g, 1.0, "none")
+
+    def _epochs(self, client_id: int, steps: int) -> int:
+        return BatchSampler(self.n[client_id], self.batch_size, "shuffle", torch.Generator()).epochs_started_by(steps)
+
+    def plan(self, client_id: int, nm_l: Optional[float], nm_g: Optional[float],
+             rounds: Optional[int] = None) -> Plan:
+        """Every event client ``client_id`` will have recorded after ``rounds`` rounds (all rounds
+        participating) with these multipliers; ``math.inf`` = that part costs nothing."""
+        rounds = self.rounds if rounds is None else rounds
+        steps = rounds * self.local_steps
+        out: Plan = []
+        parts = tuple(r for r in self._parts(nm_l, nm_g) if not math.isinf(r.noise_multiplier))
+        if parts and steps:
+            mech = self.batch_mechanism(parts, self.q[client_id], "poisson" if self.sampling == "poisson" else "shuffle",
+                                        self.unit, self.micro)
+            count = steps if self.sampling == "poisson" else self._epochs(client_id, steps)
+            out.append((mech.joint_event, count))
+        if self.client_level and rounds and nm_g is not None and not math.isinf(nm_g):
+            out.append((self._server_events(nm_g)[0], rounds))
+        return out
 
     # ------------------------------------------------------------------ calibration
-    def _planned_events(self, client: int) -> tuple[float, int]:
-        """(sampling rate, number of accounted releases) a client's mechanism makes in the plan."""
-        steps = self.rounds * self.local_steps
-        if self.sampling == "poisson":
-            return self.q[client], steps
-        epochs = math.ceil(steps * self.batch_size / self.n[client])
-        return 1.0, epochs
+    def _worst_client(self) -> int:
+        return min(self.n, key=lambda i: (self.n[i], i))  # smallest set: largest q, most epochs
 
     def _noise_multipliers(self, p) -> tuple[Optional[float], Optional[float]]:
         uses_local, uses_global = self.method.uses_local, self.method.uses_global
         nm_l, nm_g = p.noise_multiplier_local, p.noise_multiplier_global
+        if nm_l is not None and not uses_local:
+            raise ConfigError(f"privacy.noise_multiplier_local={nm_l} has no effect: method {self.method.name} "
+                              "has no local prompt")
+        if nm_g is not None and not uses_global:
+            raise ConfigError(f"privacy.noise_multiplier_global={nm_g} has no effect: method {self.method.name} "
+                              "has no global prompt")
         need_l = uses_local and nm_l is None
         need_g = uses_global and nm_g is None
         if (need_l or need_g) and p.epsilon is None:
             raise ConfigError("privacy=dp needs --epsilon (to calibrate) or explicit "
                               "--noise-multiplier-local/--noise-multiplier-global")
         if not (need_l or need_g):
-            return (nm_l if uses_local else None), (nm_g if uses_global else None)
-        q, steps = self._planned_events(min(self.n, key=self.n.get))  # smallest client spends most
-        sampling = "poisson" if self.sampling == "poisson" else "none"
+            return nm_l, nm_g
+        w, target, acc = self._worst_client(), p.epsilon, self.accountant
+        split = p.budget_split
+        both = need_l and need_g
+        if both and not 0 < split < 1:
+            raise ConfigError(f"privacy.budget_split={split!r} must be strictly between 0 and 1 when both the "
+                              "local and the global noise are calibrated")
+
+        def cal(parts, tgt=target):
+            return calibrate(parts, tgt, self.delta, acc)
+
+        def reachable(plan: Plan, what: str) -> None:
+            if plan and epsilon(plan, self.delta, acc) > target * (1 + BUDGET_SLACK):
+                raise ConfigError(f"privacy: the fixed {what} alone spends more than epsilon={target} over "
+                                  f"{self.rounds} rounds x {self.local_steps} steps; lower it or raise epsilon")
         try:
             if self.client_level:
-                # local: example level on the client's data; global: client level, separately
-                l = calibrate_noise_multiplier(p.epsilon, p.delta, q, steps, sampling) if need_l else nm_l
-                g = calibrate_noise_multiplier(p.epsilon, p.delta, 1.0, self.rounds, "none") if need_g else nm_g
-            elif need_l and need_g:
-                l, g = calibrate_split(p.epsilon, p.delta, local_sampling_rate=q, local_steps=steps,
-                                       global_sampling_rate=q, global_steps=steps, budget_split=p.budget_split,
-                                       sampling=sampling)
+                if both:  # the server's share first, then the local noise for what it leaves
+                    nm_g = cal(lambda x: [(self._server_events(x)[0], self.rounds)], (1 - split) * target)
+                    nm_l = cal(lambda x: self.plan(w, x, nm_g))
+                elif need_l:
+                    reachable(self.plan(w, math.inf, nm_g), f"global noise multiplier {nm_g}")
+                    nm_l = cal(lambda x: self.plan(w, x, nm_g))
+                else:
+                    reachable(self.plan(w, nm_l, math.inf), f"local noise multiplier {nm_l}")
+                    nm_g = cal(lambda x: self.plan(w, nm_l, x))
+            elif both:
+                # precision shares of the batch's joint Gaussian: 1/s_L^2 = split/s^2, 1/s_G^2 = (1-split)/s^2
+                s = cal(lambda x: self.plan(w, x / math.sqrt(split), x / math.sqrt(1 - split)))
+                nm_l, nm_g = s / math.sqrt(split), s / math.sqrt(1 - split)
             elif need_l:
-                l, g = calibrate_noise_multiplier(p.epsilon, p.delta, q, steps, sampling), nm_g
+                if uses_global:
+                    reachable(self.plan(w, math.inf, nm_g), f"global noise multiplier {nm_g}")
+                nm_l = cal(lambda x: self.plan(w, x, nm_g))
             else:
-                l, g = nm_l, calibrate_noise_multiplier(p.epsilon, p.delta, q, steps, sampling)
+                if uses_local:
+                    reachable(self.plan(w, nm_l, math.inf), f"local noise multiplier {nm_l}")
+                nm_g = cal(lambda x: self.plan(w, nm_l, x))
         except ConfigError as exc:
-            raise ConfigError(f"cannot calibrate noise for epsilon={p.epsilon}, delta={p.delta} over "
+            raise ConfigError(f"cannot calibrate noise for epsilon={target}, delta={self.delta} over "
                               f"{self.rounds} rounds x {self.local_steps} steps: {exc}") from None
-        # the accountant's multiplier is applied / (sensitivity / C): scale the applied noise up
-        if l is not None and need_l:
-            l *= self.sens
-        if g is not None and need_g and not self.client_level:
-            g *= self.sens
-        return (l if uses_local else None), (g if uses_global else None)
+        return nm_l, nm_g
 
-    # ------------------------------------------------------------------ helpers
-    def _units(self, client, B: int) -> tuple[torch.Tensor, int]:
-        if self.unit == "example":
-            return torch.arange(B), B
-        if self.unit == "batch":
-            return torch.zeros(B, dtype=torch.long), 1
-        groups = client.last_local_idx // self.micro  # fixed groups of M training indices
-        uniq, inv = torch.unique(groups, return_inverse=True)
-        return inv, len(uniq)
-
-    def _noise_like(self, t: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
-        """One Gaussian draw N(0, std^2 I) shaped like t."""
-        return self._joint_noise({"t": t}, std, gen)["t"]
-
-    def _joint_noise(self, tensors: dict[str, torch.Tensor], std: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        """ONE Gaussian draw on the concatenation of ``tensors`` (e.g. u and v jointly)."""
-        self.draws += 1
-        return {k: (torch.randn(t.shape, generator=gen, dtype=t.dtype) * std).to(t.device)
-                for k, t in tensors.items()}
-
-    def _norm(self, client) -> float:
-        """Divide noised sums by the expected batch size (Poisson) or the batch's size (shuffle)."""
-        return float(self.batch_size) if self.sampling == "poisson" else float(max(len(client.last_local_idx), 1))
-
-    def _record(self, subject: str, nm: float, client, round_: Optional[int] = None) -> None:
-        """Record one noise draw's event (nm is the applied multiplier; the accountant gets nm / sens)."""
-        eff = nm / self.sens
-        if self.sampling == "poisson":
-            self.ledger.record(subject, make_event(eff, self.q[client.id], "poisson"), round=round_)
-        elif client.sampler.pos <= len(client.last_local_idx):  # first batch of an epoch
-            self.ledger.record(subject, make_event(eff, 1.0, "none"), round=round_)
-        else:
-            self.ledger.record(subject, NOOP, round=round_)
-
-    def _clipped_sum(self, client, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        B = next(iter(grads.values())).shape[0]
-        units, n_units = self._units(client, B)
-        return clip_and_sum(grads, units, n_units, self.C)
+    def _use_multipliers(self, nm_l: Optional[float], nm_g: Optional[float], from_round: int) -> None:
+        """Set the applied multipliers, rebuild every client's mechanism and plan, and refuse (before
+        any release) a plan whose eps exceeds the target."""
+        self.nm_local, self.nm_global = nm_l, nm_g
+        self.mechanisms = {i: self.mechanism_for(i) for i in self.n}
+        self.plans = {i: self.plan(i, nm_l, nm_g) for i in self.n}
+        self._plan_counts = {i: {k: n for k, (_, n) in group(pl).items()} for i, pl in self.plans.items()}
+        if self.epsilon_target is not None:
+            w = self._worst_client()
+            planned = epsilon(self.plans[w], self.delta, self.accountant)
+            if planned > self.epsilon_target * (1 + BUDGET_SLACK):
+                raise BudgetExhausted(
+                    f"privacy: noise multipliers local={nm_l}, global={nm_g} spend epsilon={planned:.4g} over "
+                    f"{self.rounds} rounds x {self.local_steps} steps, above the target epsilon={self.epsilon_target} "
+                    f"(delta={self.delta}); nothing was trained")
+        entry = {"from_round": from_round, "noise_multiplier_local": nm_l, "noise_multiplier_global": nm_g}
+        if not self.multiplier_history or self.multiplier_history[-1] != entry:
+            self.multiplier_history.append(entry)
 
     # ------------------------------------------------------------------ releases
-    def local(self, client, grads):
-        summed = self._clipped_sum(client, grads)
-        noise = self._joint_noise(summed, self.nm_local * self.C, self.client_gens[client.id])  # u, v jointly
-        out = {k: (s + noise[k]) / self._norm(client) for k, s in summed.items()}
-        self._record(f"client{client.id}/local", self.nm_local, client)
-        return out
+    def _normaliser(self, client) -> float:
+        """Expected batch size q n (Poisson; = B unless n < B), or the realised size (shuffle)."""
+        if self.sampling == "poisson":
+            return self.q[client.id] * self.n[client.id]
+        return float(max(len(client.last_local_idx), 1))
 
-    def contribution(self, client, G):
-        summed = self._clipped_sum(client, {"G": G})["G"]
-        return Contribution(client.id, summed, self._norm(client), client.n_train)
+    def release(self, client, local, global_, protocol):
+        mech = self.mechanisms[client.id]
+        grads: dict[str, dict[str, torch.Tensor]] = {}
+        if mech.part("local") is not None:
+            grads["local"] = local
+        if mech.part("global") is not None:
+            grads["global"] = {"G": global_}
+        norm = self._normaliser(client)
+        out_local: dict[str, torch.Tensor] = {}
+        if mech.releases:  # (client-level DP of a global-only method releases nothing per batch)
+            rel = mech(grads, norm, self.source, self.client_gens[client.id], positions=client.last_local_idx,
+                       first_of_epoch=client.sampler.last_started_epoch)
+            self.draws += rel.draws
+            self.ledger.record(f"client{client.id}/batch", rel.event)
+            out_local = rel.values.get("local", {})
+        g = mech.part("global")
+        if g is None:  # client level: the copy's gradient is not released (its update is clipped per round)
+            if global_ is None:
+                return BatchOutput(out_local, None, 1.0)
+            mean = global_.mean(0) if len(global_) else torch.zeros(global_.shape[1:], dtype=global_.dtype)
+            return BatchOutput(out_local, mean, 1.0)
+        weight = norm if g.noise_at == "server" else 1.0
+        return BatchOutput(out_local, rel.values["global"]["G"], weight)
+
+    def global_release(self) -> GaussianRelease:
+        """The global part every client's mechanism declares (the server noises with this object)."""
+        parts = {self.mechanisms[i].part("global") for i in self.mechanisms}
+        if len(parts) != 1 or None in parts:
+            raise RuntimeError(f"clients declare different global releases: {parts}")
+        return parts.pop()
 
     def aggregate(self, contribs):
+        rel = self.global_release()
         total = sum(c.tensor for c in contribs)
-        noisy = total + self._noise_like(total, self.nm_global * self.C, self.gen)
-        for c in contribs:
-            self._record(f"client{c.client_id}/global", self.nm_global, self._clients[c.client_id])
+        noisy = total + rel.noise({"G": total}, self.source, self.gen)["G"]
+        self.draws += 1
         return noisy / sum(c.weight for c in contribs)
-
-    def local_global(self, client, G):
-        if self.client_level:
-            return G.mean(0) if len(G) else torch.zeros(G.shape[1:], dtype=G.dtype)
-        s = self._clipped_sum(client, {"G": G})["G"]
-        out = (s + self._noise_like(s, self.nm_global * self.C, self.client_gens[client.id])) / self._norm(client)
-        self._record(f"client{client.id}/global", self.nm_global, client)
-        return out
 
     def fedavg_contribution(self, client, p_G, copy):
         if not self.client_level:
@@ -251,60 +336,102 @@ class DPPrivacy(Privacy):
 
     def aggregate_parameters(self, p_G, contribs):
         if not self.client_level:
-            return self.aggregate_plain(contribs)
+            return sum(c.tensor for c in contribs) / len(contribs)
+        rel = GaussianRelease("global", self.nm_global, self.C, 1.0, noise_at="server")
         total = sum(c.tensor for c in contribs)
-        noisy = total + self._noise_like(total, self.nm_global * self.C, self.gen)
-        self.ledger.record("server/client_level", make_event(self.nm_global, 1.0, "none"))
+        noisy = total + rel.noise({"G": total}, self.source, self.gen)["G"]
+        self.draws += 1
+        example_ev, client_ev = self._server_events(self.nm_global)
+        self.ledger.record("server/client_level", client_ev)
+        for c in contribs:
+            self.ledger.record(f"client{c.client_id}/server", example_ev)
         return p_G + noisy / len(contribs)
 
-    def aggregate_plain(self, contribs):
-        return sum(c.tensor for c in contribs) / len(contribs)
+    # ------------------------------------------------------------------ budget
+    def subjects(self, client_id: int) -> list[str]:
+        return [f"client{client_id}/batch", f"client{client_id}/server"]
 
-    # ------------------------------------------------------------------ budget, reporting, state
+    def round_events(self, client, steps: int) -> Plan:
+        """The events client ``client`` records in a round of ``steps`` steps."""
+        out: Plan = []
+        mech = self.mechanisms[client.id]
+        if mech.releases:
+            n = steps if self.sampling == "poisson" else client.sampler.epochs_started_by(steps)
+            out.append((mech.joint_event, n))
+        if self.client_level:
+            out.append((self._server_events(self.nm_global)[0], 1))
+        return [(e, n) for e, n in out if n]
+
+    def _within_plan(self, client_id: int, comp: Plan) -> bool:
+        plan = self._plan_counts[client_id]
+        for k, (ev, n) in group(comp).items():
+            if isinstance(ev, dp_event.NoOpDpEvent):
+                continue
+            if n > plan.get(k, 0):
+                return False
+        return True
+
     def check_round(self, sampled: list[int], steps: int) -> Optional[str]:
-        """A reason to stop before a round whose releases would exceed the budget, else None."""
+        """A reason to stop before a round whose releases would exceed the budget, else None. A
+        composition within the verified plan needs no accountant call."""
         if self.epsilon_target is None:
             return None
         for i in sampled:
-            subjects = [f"client{i}/local", f"client{i}/global"]
-            extra = []
-            sampling = "poisson" if self.sampling == "poisson" else "none"
-            q = self.q[i] if self.sampling == "poisson" else 1.0
-            n_ev = steps if self.sampling == "poisson" else self._clients[i].sampler.epochs_started_by(steps)
-            if self.method.uses_local and self.nm_local is not None:
-                extra.append((make_event(self.nm_local / self.sens, q, sampling), n_ev))
-            if self.method.uses_global and self.nm_global is not None and not self.client_level:
-                extra.append((make_event(self.nm_global / self.sens, q, sampling), n_ev))
-            if extra and self.ledger.would_exceed(subjects, extra, self.epsilon_target, self.delta):
+            comp = self.ledger.composition(self.subjects(i)) + self.round_events(self._clients[i], steps)
+            if self._within_plan(i, comp):
+                continue
+            if epsilon(comp, self.delta, self.accountant) > self.epsilon_target * (1 + BUDGET_SLACK):
                 return (f"privacy budget: another round would exceed epsilon={self.epsilon_target} "
                         f"(delta={self.delta}) for client {i}")
         return None
 
-    def spent(self) -> dict[str, Any]:
-        views = self.ledger.epsilon_views(self.delta)
-        pers = [v for k, v in views.items() if k.endswith("/personalized")]
-        loc = [v for k, v in views.items() if k.endswith("/local")]
-        glob = views.get("global", views.get("server/client_level"))
-        return {"epsilon_spent": max(pers + ([glob] if glob is not None else [])) if (pers or glob is not None) else 0.0,
-                "epsilon_global": glob,
-                "epsilon_local": max(loc) if loc else None}
+    # ------------------------------------------------------------------ reporting
+    def _eps_by_client(self, accountant: str) -> dict[int, float]:
+        cache: dict[str, float] = {}
+        out = {}
+        for i in sorted(self.n):
+            comp = self.ledger.composition(self.subjects(i))
+            key = repr(sorted((k, n) for k, (_, n) in group(comp).items()))
+            if key not in cache:
+                cache[key] = epsilon(comp, self.delta, accountant)
+            out[i] = cache[key]
+        return out
+
+    def spent(self, accountant: str = "rdp") -> dict[str, Any]:
+        per = self._eps_by_client(accountant)
+        spent = max(per.values()) if per else 0.0
+        out: dict[str, Any] = {"epsilon_spent": spent, "epsilon_global": spent}
+        if self.client_level:
+            server = [epsilon(self.ledger.composition(f"client{i}/server"), self.delta, accountant) for i in self.n]
+            out["epsilon_global"] = max(server) if server else 0.0
+            out["epsilon_client_level"] = epsilon(self.ledger.composition("server/client_level"), self.delta, accountant)
+        return out
 
     def end_round(self, round_):
-        self.ledger.close_round(round_, self.delta)
-        return self.spent()
+        self.ledger.close_round(round_, self.delta, "rdp")
+        s = self.spent("rdp")
+        return {f"{k}_rdp": v for k, v in s.items()}
 
     def extra_summary(self) -> dict[str, Any]:
         return {}
 
     def summary(self, pld: bool = True):
+        rdp = self.spent("rdp")
         s = {"privacy": self.mode, "epsilon_target": self.epsilon_target, "delta": self.delta,
-             **self.spent(), "noise_multiplier_local": self.nm_local, "noise_multiplier_global": self.nm_global,
-             "clip_norm": self.C, "clip_unit": self.cfg.privacy.clip_unit, "sampling": self.sampling,
-             "neighbouring_relation": self.relation, "dp_level": self.cfg.privacy.dp_level,
-             "noise_draws": self.draws, "ledger_events": self.ledger.count()}
-        if pld and self.ledger.client_subjects():
-            s["epsilon_pld"] = max(self.ledger.pld_epsilon(subs, self.delta)
-                                   for subs in self.ledger.client_subjects().values())
+             "accountant": self.accountant if pld else "rdp", **rdp, "epsilon_rdp": rdp["epsilon_spent"]}
+        if pld:
+            tight = self.spent("pld")
+            s["epsilon_pld"] = tight["epsilon_spent"]
+            s["epsilon_pld_skipped"] = any(pld_skipped(self.ledger.composition(self.subjects(i)), self.delta)
+                                           for i in self.n)
+            if self.accountant == "pld":
+                s.update(tight)
+        s.update({"epsilon_covers": {k: v for k, v in EPSILON_COVERS.items() if k in s},
+                  "noise_multiplier_local": self.nm_local, "noise_multiplier_global": self.nm_global,
+                  "noise_multipliers_used": self.multiplier_history,
+                  "clip_norm": self.C, "clip_unit": self.cfg.privacy.clip_unit, "sampling": self.sampling,
+                  "neighbouring_relation": self.relation, "dp_level": self.cfg.privacy.dp_level,
+                  "noise_draws": self.draws, "ledger_events": self.ledger.count(), **self.source.describe()})
         s.update(self.extra_summary())
         return s
 
@@ -312,19 +439,43 @@ class DPPrivacy(Privacy):
         return {"mode": self.mode, "delta": self.delta, "neighbouring_relation": self.relation,
                 "clip_norm": self.C, "clip_unit": self.cfg.privacy.clip_unit, "sampling": self.sampling,
                 "noise_multiplier_local": self.nm_local, "noise_multiplier_global": self.nm_global,
+                "noise_multipliers_used": self.multiplier_history, "accountant": self.accountant,
+                "mechanisms": {f"client{i}": m.describe() for i, m in self.mechanisms.items()},
                 "accountant_multiplier_divisor": self.sens, "noise_draws": self.draws,
-                "ledger": self.ledger.state_dict()}
+                **self.source.describe(), "ledger": self.ledger.state_dict()}
 
+    # ------------------------------------------------------------------ state (checkpoint)
     def state_dict(self):
-        return {"ledger": self.ledger.state_dict(), "gen": self.gen.get_state(), "draws": self.draws,
-                "client_gens": {i: g.get_state() for i, g in self.client_gens.items()}}
+        """Ledger, multipliers, draws; generator states only for reproducible (non-secret) noise."""
+        s: dict[str, Any] = {"ledger": self.ledger.state_dict(), "draws": self.draws,
+                             "noise_multiplier_local": self.nm_local, "noise_multiplier_global": self.nm_global,
+                             "multiplier_history": self.multiplier_history, "noise_secret": self.source.secret}
+        if not self.source.secret:
+            s["gen"] = self.gen.get_state()
+            if self.owns_client_generators:
+                s["client_gens"] = {i: g.get_state() for i, g in self.client_gens.items()}
+        return s
 
     def load_state_dict(self, s):
+        """Resume rule: the run keeps the multipliers it was trained with (recorded in the checkpoint),
+        and a plan that they cannot pay for within the target is refused here, before any work."""
         self.ledger.load_state_dict(s["ledger"])
-        self.gen.set_state(s["gen"])
-        for i, st in s["client_gens"].items():
-            self.client_gens[int(i)].set_state(st)
         self.draws = s["draws"]
+        self.multiplier_history = list(s.get("multiplier_history", []))
+        if "noise_multiplier_local" in s:
+            self._use_multipliers(s["noise_multiplier_local"], s["noise_multiplier_global"],
+                                  from_round=self.multiplier_history[-1]["from_round"] if self.multiplier_history else 0)
+        if self.source.secret:
+            return  # fresh secret generators: nothing was saved, nothing to restore
+        if s.get("gen") is not None:
+            self.gen.set_state(s["gen"])
+        saved = s.get("client_gens") or {}
+        for i in self.client_gens:
+            st = saved.get(i, saved.get(str(i)))
+            if st is not None:
+                self.client_gens[i].set_state(st)
+            else:  # a new stream keyed by the resume point: never a replay of noise already used
+                self.client_gens[i] = self.source.generator(1, i, 1 + self.ledger.count())
 
 
 class ReferencePrivacy(DPPrivacy):
@@ -332,54 +483,73 @@ class ReferencePrivacy(DPPrivacy):
 
     mode = "reference"
     per_example = False
+    batch_mechanism = ReferenceBatchMechanism
 
     def __init__(self, cfg: RunConfig, engine):
         if cfg.privacy.epsilon is None:
             raise ConfigError("privacy=reference needs --epsilon (the nominal eps the public rule claims)")
         super().__init__(cfg, engine)
-        self.sens = 2.0  # batch-mean clipping: one example can move the clipped mean by 2C
+
+    def _sensitivity(self) -> float:
+        return 2.0  # batch-mean clipping: one example can move the clipped mean by 2C
+
+    def _relation(self) -> str:
+        return ("replace-one example (shuffled batches, one exposure per epoch by parallel composition; "
+                "batch-mean clipping: sensitivity 2C)")
+
+    def _parts(self, nm_l, nm_g):
+        parts = []
+        if self.has_local:
+            parts.append(GaussianRelease("local", nm_l, self.C, self.sens,
+                                         tensors=2 if self.method.low_rank else 1))
+        if self.has_global_batch:
+            parts.append(GaussianRelease("global", nm_g, self.C, self.sens,
+                                         noise_at="server" if self.protocol == "grad" else "client"))
+        return tuple(parts)
 
     def _noise_multipliers(self, p):
         self.sigma = reference_sigma(p.epsilon, self.rounds, p.delta)
         self.claimed = reference_claimed_epsilon(self.sigma, self.rounds, p.delta)
-        # applied std on the batch MEAN is sigma C / B; on our "sum" scale that is a multiplier
-        # sigma / B relative to C on the mean; the accountant divides by 2 (sensitivity 2C).
+        # applied std on the batch MEAN is sigma C / B: multiplier sigma / B relative to C; the
+        # accountant divides by 2 (sensitivity 2C). The server's std on the mean of N clipped means
+        # is that / N, on a release of sensitivity 2C / N: the same multiplier.
         nm = reference_noise_multiplier(self.sigma, self.batch_size, sensitivity_factor=1.0)
         return (nm if self.method.uses_local else None), (nm if self.method.uses_global else None)
 
-    def _clip_mean(self, g: torch.Tensor) -> torch.Tensor:
-        return g * min(1.0, self.C / (float(g.detach().norm()) + 1e-12))
+    def _use_multipliers(self, nm_l, nm_g, from_round):
+        target, self.epsilon_target = self.epsilon_target, None  # the public code has no budget check
+        try:
+            super()._use_multipliers(nm_l, nm_g, from_round)
+        finally:
+            self.epsilon_target = target
 
-    def local(self, client, grads):
-        out = {}
-        for k, g in grads.items():  # u and v clipped and noised separately, as the public code does
-            out[k] = self._clip_mean(g) + self._noise_like(g, self.nm_local * self.C, self.client_gens[client.id])
-            self._record(f"client{client.id}/local", self.nm_local, client)
-        return out
-
-    def contribution(self, client, G):
-        return Contribution(client.id, self._clip_mean(G), 1.0, client.n_train)
+    def release(self, client, local, global_, protocol):
+        mech = self.mechanisms[client.id]
+        grads = {}
+        if mech.part("local") is not None:
+            grads["local"] = local
+        if mech.part("global") is not None:
+            grads["global"] = {"G": global_}
+        rel = mech(grads, 1.0, self.source, self.client_gens[client.id],
+                   first_of_epoch=client.sampler.last_started_epoch)
+        self.draws += rel.draws
+        self.ledger.record(f"client{client.id}/batch", rel.event)
+        g = rel.values.get("global", {}).get("G")
+        return BatchOutput(rel.values.get("local", {}), g, 1.0)
 
     def aggregate(self, contribs):
+        rel = self.global_release()
         mean = sum(c.tensor for c in contribs) / len(contribs)
-        std = self.nm_global * self.C / len(contribs)  # server std = local std / N
-        for c in contribs:
-            # each client's clipped mean moves the average by up to 2C / N: same multiplier
-            self._record(f"client{c.client_id}/global", self.nm_global, self._clients[c.client_id])
-        return mean + self._noise_like(mean, std, self.gen)
-
-    def local_global(self, client, G):
-        out = self._clip_mean(G) + self._noise_like(G, self.nm_global * self.C, self.client_gens[client.id])
-        self._record(f"client{client.id}/global", self.nm_global, client)
-        return out
+        std_rel = GaussianRelease("global", rel.noise_multiplier / len(contribs), self.C, rel.sensitivity, "server")
+        self.draws += 1
+        return mean + std_rel.noise({"G": mean}, self.source, self.gen)["G"]
 
     def check_round(self, sampled, steps):
         return None  # the public code has no budget check: it runs the planned rounds
 
     def extra_summary(self):
         return {"epsilon_claimed": self.claimed, "reference_sigma": self.sigma, "clip_unit": "batch-mean (reference)",
-                "neighbouring_relation": "replace-one example (shuffled batches, one exposure per epoch by "
-                                         "parallel composition; batch-mean clipping: sensitivity 2C)"}
+                "sampling": "shuffle (reference)"}
 
 
 def build_dp_privacy(cfg: RunConfig, engine) -> DPPrivacy:

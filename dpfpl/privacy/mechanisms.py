@@ -1,25 +1,37 @@
-"""Privacy mechanisms at the engine's release points.
+"""The privacy interface the engines call, and the non-private mechanism.
 
-:class:`Privacy` is the non-private mechanism (identity releases). The engine calls it at every
-release of a trained tensor:
+Every release of a trained tensor goes through the run's ``privacy`` object:
 
-- ``local(client, carrier_grads)``: the gradients that update a client's local prompt;
-- ``local_global(client, G)``: a client's gradient of its copy of the global prompt (fedavg);
-- ``contribution(client, G)`` / ``fedavg_contribution(client, p_G, copy)``: client -> server;
-- ``aggregate(contribs)`` / ``aggregate_parameters(p_G, contribs)``: the server's update.
+- ``release(client, local, global_, protocol)``: everything ONE batch of a client releases: the
+  local carrier gradients (``local``, e.g. u and v) and the global-prompt gradient (``global_``);
+  returns a :class:`BatchOutput` (the values to apply / send, and the batch's event, recorded once);
+- ``aggregate(contribs)`` (grad protocol): the server's update of p_G from the clients' contributions;
+- ``fedavg_contribution(client, p_G, copy)`` / ``aggregate_parameters(p_G, contribs)`` (fedavg).
 
-DP mechanisms subclass it, set ``per_example = True`` to receive per-example gradients
-(leading batch dimension), clip, add noise from their own generator, and record every noise draw
-in the accountant ledger where it happens.
+:class:`Privacy` is the non-private mechanism (identity releases, uniform average over clients).
+DP mechanisms (:mod:`dpfpl.privacy.dp`) set ``per_example = True`` to receive per-example
+gradients (leading batch dimension), and release through :class:`~dpfpl.privacy.release.BatchMechanism`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from ..federation import Contribution
+
+
+@dataclass
+class BatchOutput:
+    """A batch's released values: ``local`` (name -> mean gradient) and ``global_`` (the global
+    gradient contribution: a noised mean, or a clipped sum that the server noises), its weight."""
+
+    local: dict[str, torch.Tensor]
+    global_: Optional[torch.Tensor]
+    weight: float
 
 
 class Privacy:
@@ -33,18 +45,22 @@ class Privacy:
         """Called once the engine has built its clients."""
         self._clients = {c.id: c for c in clients}
 
+    def batch_generator(self, client_id: int, seed: int, key: int = 0) -> torch.Generator:
+        """The generator of a client's batch selection (non-private: from the run's seed; ``key``
+        starts another stream, e.g. on a resume without saved state)."""
+        return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0xBA7C, key]).generate_state(1)[0]))
+
+    @property
+    def batch_source(self):
+        return None
+
     def check_round(self, sampled: list[int], steps: int) -> Optional[str]:
         """A reason to stop before the next round (e.g. spent budget), or None to go on."""
         return None
 
-    def local(self, client, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return grads
-
-    def local_global(self, client, G: torch.Tensor) -> torch.Tensor:
-        return G
-
-    def contribution(self, client, G: torch.Tensor) -> Contribution:
-        return Contribution(client.id, G, 1.0, client.n_train)
+    def release(self, client, local: dict[str, torch.Tensor], global_: Optional[torch.Tensor],
+                protocol: str) -> BatchOutput:
+        return BatchOutput(local, global_, 1.0)
 
     def aggregate(self, contribs: list[Contribution]) -> torch.Tensor:
         total = sum(c.weight for c in contribs)
