@@ -55,15 +55,18 @@ def test_parse_clip_unit_rejects(bad):
         parse_clip_unit(bad)
 
 
-def test_local_noise_std_matches_formula(tiny_clip, tiny_dataset, make_cfg):
-    """With zero gradients the released local gradient is pure noise of std nm C / B."""
+@pytest.mark.parametrize("sampling, divisor", [("poisson", 8), ("shuffle", 5)])
+def test_local_noise_std_matches_formula(tiny_clip, tiny_dataset, make_cfg, sampling, divisor):
+    """With zero gradients the released local gradient is pure noise of std nm C / norm, where norm
+    is the EXPECTED batch size B=8 under Poisson sampling and the realised batch's size (here 5,
+    unequal to B so the two rules give different stds) under shuffling."""
     e = Engine(dp_cfg(make_cfg, method="fedotp", noise_multiplier_local=2.0, noise_multiplier_global=1.0,
-                      epsilon=None), clip=tiny_clip, dataset=tiny_dataset)
+                      epsilon=None, sampling=sampling), clip=tiny_clip, dataset=tiny_dataset)
     c = e.clients[0]
-    c.last_local_idx = torch.arange(8)
-    zeros = {"p_L": torch.zeros(8, 4, 64)}
+    c.last_local_idx = torch.arange(5)  # a realised batch of 5 examples, expected size 8
+    zeros = {"p_L": torch.zeros(5, 4, 64)}
     draws = torch.stack([e.privacy.local(c, zeros)["p_L"] for _ in range(200)])  # (200, 4, 64)
-    expected = 2.0 * 1.0 / 8
+    expected = 2.0 * 1.0 / divisor
     assert abs(draws.std().item() - expected) / expected < 0.02
     assert abs(draws.mean().item()) < 0.01
     assert e.privacy.draws == 200 and e.privacy.ledger.count("client0/local") == 200
@@ -144,7 +147,11 @@ def test_reference_mode_claim_vs_accounted(tiny_clip, tiny_dataset, make_cfg, tm
     assert s["reference_sigma"] == pytest.approx(math.sqrt(2 * math.log(1e5)) / 0.4)
     assert s["reference_sigma"] == pytest.approx(reference_sigma(0.4, 2, 1e-5))
     assert s["epsilon_spent"] > 10 * s["epsilon_claimed"]
-    assert s["sampling"] == "shuffle" or s["privacy"] == "reference"
+    assert s["privacy"] == "reference"
+    # the config asked for Poisson sampling (the default) and per-example clipping: the reference
+    # rule runs shuffled batches and batch-mean clipping instead, and the summary says so
+    assert make_cfg().privacy.sampling == "poisson"
+    assert s["sampling"] == "shuffle" and s["clip_unit"] == "batch-mean (reference)"
 
 
 def test_reference_mode_counts_one_exposure_per_epoch(tiny_clip, tiny_dataset, make_cfg):
