@@ -1,13 +1,14 @@
 """Checks of everything knowable from a RunConfig, before any data, model or run directory.
 
 :func:`check_config` raises :class:`~dpfpl.errors.ConfigError` naming the field and value of the
-first problem: field values (``RunConfig.validate``), the method, the dataset name, the model
+first problem: field values (``RunConfig.validate``), the method, the model
 architecture (read from its open_clip JSON config: no weights are built) and the method's rank
 against ``n_ctx`` and the text width, a ``--pretrained`` file that does not exist, an unavailable
 device, and the privacy settings (clip unit syntax, client-level DP needs the fedavg protocol, an
 epsilon or explicit multipliers to calibrate, a budget split strictly inside (0, 1) when both
 mechanisms are calibrated). What needs the data (an epsilon the planned steps cannot reach) is
-checked by the engine right after the partition, still before the model is loaded.
+checked by the engine right after the partition, still before the model is loaded; so is the dataset
+name (API callers may pass a dataset object the registry does not know).
 """
 
 from __future__ import annotations
@@ -65,14 +66,11 @@ def effective_protocol(cfg: RunConfig, method) -> str:
 
 def check_config(cfg: RunConfig) -> RunConfig:
     """Raise ConfigError for the first problem knowable from ``cfg`` alone; returns ``cfg``."""
-    from .data import dataset_names
     from .methods import get_method
 
     cfg.validate()
     t, m, p = cfg.train, cfg.model, cfg.privacy
     method = get_method(t.method)(rank=t.rank, ctx_init_std=t.ctx_init_std)
-    if cfg.data.dataset not in dataset_names():
-        raise ConfigError(f"data.dataset={cfg.data.dataset!r} is unknown; valid datasets: {', '.join(dataset_names())}")
     width = text_width(m.model)
     if width is not None:
         method.check(t.n_ctx, width)
