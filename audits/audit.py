@@ -595,6 +595,16 @@ def _finish(prep: Prepared, s: AuditSettings, out: Path, prog: _Progress) -> dic
     return report
 
 
+def refuse_mixed_run(run_dir: Union[str, Path]) -> None:
+    """Raise ConfigError when the run directory's files come from different runs (their run ids,
+    see :func:`dpfpl.rundir.mixed_run_problem`, differ): an audit of such a mix means nothing."""
+    from dpfpl.rundir import mixed_run_problem
+
+    problem = mixed_run_problem(run_dir)
+    if problem is not None:
+        raise ConfigError(problem)
+
+
 def audit_run_dir(run_dir: Union[str, Path], out: Optional[Union[str, Path]] = None,
                   settings: Optional[AuditSettings] = None, control: Optional[str] = None,
                   clip=None, dataset: Optional[Dataset] = None) -> dict[str, Any]:
@@ -602,6 +612,7 @@ def audit_run_dir(run_dir: Union[str, Path], out: Optional[Union[str, Path]] = N
     (default ``RUN_DIR/audit``) and returns the report. With ``control``, the run's recipe
     (config.json) is retrained as that control instead (see :func:`audit_train`)."""
     s = (settings or AuditSettings()).validate()
+    refuse_mixed_run(run_dir)
     out_p = Path(out) if out is not None else Path(run_dir) / "audit"
     if control is not None:
         p = Path(run_dir)

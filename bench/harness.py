@@ -131,7 +131,7 @@ def run_audit(hook: Callable[..., Any], run_dir: Path, clip: Any, dataset: Any,
 def cell_status(cell: Cell, runs_dir: Path) -> str:
     """'done', 'changed' (finished, different spec), 'partial' (started, unfinished) or 'todo'."""
     d = runs_dir / cell.id
-    if (d / "summary.json").is_file():
+    if (d / "summary.json").is_file() and not (d / PENDING).is_file():
         return "done" if stored_spec_matches(cell, d) else "changed"
     return "partial" if d.exists() else "todo"
 
@@ -151,7 +151,8 @@ def stored_spec_matches(cell: Cell, d: Path) -> bool:
     if not f.is_file():
         return False
     stored = json.loads(f.read_text())
-    stored.pop("dpfpl_version", None)
+    for key in ("dpfpl_version", "run_id"):  # run-directory facts, not configuration
+        stored.pop(key, None)
     return _normal(stored) == _normal(cell.config().to_dict())
 
 
@@ -202,11 +203,19 @@ def _median_step_ms(history: list[dict[str, Any]], local_steps: int) -> Optional
     return per[mid] if len(per) % 2 else 0.5 * (per[mid - 1] + per[mid])
 
 
+PENDING = "cell.pending"  # what a started cell still owes (its audit); removed once all is written
+
+
 def run_cell(cell: Cell, runs_dir: Path, res: Resources, emit: Emit = lambda e: None,
              audit_hook: Optional[Callable[..., Any]] = None, keep_checkpoint: bool = False,
              audit_attacks: Sequence[str] = ("loss",), audit_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Run (or resume) one cell into ``runs_dir/<id>``; returns the harness record (bench.json).
-    With ``audit_hook``, the finished run is then audited with ``audit_attacks``."""
+    With ``audit_hook``, the finished run is then audited with ``audit_attacks``.
+
+    A cell is finished only when everything it promises is written: with an audit, ``cell.pending``
+    is written before training and removed after audit.json (the checkpoint is kept until then),
+    so a cell killed during its audit is not "done"; a rerun finds its finished run and only audits
+    it (see :func:`_finish_pending`)."""
     import torch
 
     from dpfpl.train import train
@@ -215,11 +224,15 @@ def run_cell(cell: Cell, runs_dir: Path, res: Resources, emit: Emit = lambda e: 
     cfg = cell.config()
     resume = d.is_dir() and (d / "checkpoint.pt").is_file() and (d / "cell.json").is_file() \
         and stored_spec_matches(cell, d)
+    if resume and (d / "summary.json").is_file() and (d / PENDING).is_file():
+        return _finish_pending(cell, d, res, emit, audit_hook, keep_checkpoint, audit_attacks, audit_options)
     if d.exists() and not resume:
         shutil.rmtree(d)
     d.mkdir(parents=True, exist_ok=True)
     if not resume:
         atomic_write_json(d / "cell.json", cell.spec())
+    if audit_hook is not None:
+        atomic_write_json(d / PENDING, {"audit": list(audit_attacks)})
     emit(("start", cell.id, "resuming" if resume else "loading"))
     if res.fixed_clip is None:
         from dpfpl.clip import resolve_device
@@ -249,6 +262,18 @@ def run_cell(cell: Cell, runs_dir: Path, res: Resources, emit: Emit = lambda e: 
         "started_at": started, "finished_at": time.time(), "pid": os.getpid(),
     }
     atomic_write_json(d / "bench.json", record)
+    _audit_and_close(cell, d, record, clip, dataset, audit_hook, keep_checkpoint, audit_attacks, audit_options, emit)
+    record["done_event"] = ("done", cell.id, summary.get("local_acc"), summary.get("neighbor_acc"),
+                            summary.get("epsilon_spent"), sw.seconds)
+    return record
+
+
+def _audit_and_close(cell: Cell, d: Path, record: dict[str, Any], clip: Any, dataset: Any,
+                     audit_hook: Optional[Callable[..., Any]], keep_checkpoint: bool, audit_attacks: Sequence[str],
+                     audit_options: Optional[dict[str, Any]], emit: Emit) -> None:
+    """Audit a trained cell (when asked), then mark it finished: remove ``cell.pending`` once the
+    audit is written, and only then the checkpoint. An audit that raises leaves its error in
+    audit.json and the cell pending (a rerun audits again); a kill leaves it pending too."""
     if audit_hook is not None:
         emit(("status", cell.id, "auditing"))
         try:
@@ -256,10 +281,31 @@ def run_cell(cell: Cell, runs_dir: Path, res: Resources, emit: Emit = lambda e: 
         except Exception as exc:  # an audit failure must not lose the finished run
             record["audit_error"] = f"{type(exc).__name__}: {exc}"
             atomic_write_json(d / "audit.json", {"error": record["audit_error"]})
-    if not keep_checkpoint and (d / "summary.json").is_file():
-        (d / "checkpoint.pt").unlink(missing_ok=True)  # only needed to resume an unfinished run
+            return
+    if not (d / "summary.json").is_file():
+        return  # the run stopped early (it stays resumable)
+    (d / PENDING).unlink(missing_ok=True)
+    if not keep_checkpoint:
+        (d / "checkpoint.pt").unlink(missing_ok=True)  # only needed to resume an unfinished cell
+
+
+def _finish_pending(cell: Cell, d: Path, res: Resources, emit: Emit, audit_hook: Optional[Callable[..., Any]],
+                    keep_checkpoint: bool, audit_attacks: Sequence[str],
+                    audit_options: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """A cell whose run finished but whose promises (its audit) were not all written: write them,
+    training nothing; the record is the cell's bench.json from its training session."""
+    cfg = cell.config()
+    emit(("start", cell.id, "auditing a finished run"))
+    summary = json.loads((d / "summary.json").read_text())
+    try:
+        record = json.loads((d / "bench.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        record = {"cell": cell.id, "resumed": True, "started_at": time.time(), "pid": os.getpid()}
+    clip = res.clip(cfg) if audit_hook is not None else None
+    dataset = res.dataset(cfg, dict(cell.dataset_options)) if audit_hook is not None else None
+    _audit_and_close(cell, d, record, clip, dataset, audit_hook, keep_checkpoint, audit_attacks, audit_options, emit)
     record["done_event"] = ("done", cell.id, summary.get("local_acc"), summary.get("neighbor_acc"),
-                            summary.get("epsilon_spent"), sw.seconds)
+                            summary.get("epsilon_spent"), float(record.get("cell_wall_s") or 0.0))
     return record
 
 

@@ -7,11 +7,31 @@ their defaults. Errors a user can fix print one line on stderr and exit with sta
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from typing import Any, Optional, Sequence
 
-from .config import RunConfig, base_type, field_index
-from .errors import DpfplError
+from .config import RunConfig, base_type, field_index, load_mapping
+from .errors import ConfigError, DpfplError
+
+# subcommands defined elsewhere: (module with add_parser(sub), help); a module is imported only when
+# its command runs (``dpfpl --help`` stays fast)
+EXTERNAL = {
+    "account": ("dpfpl.privacy.account_cli",
+                "epsilon of a planned run (RDP and PLD), noise calibration, reference-mode claim"),
+    "pretrain": ("dpfpl.pretrain", "pretrain the tiny CLIP on the synthetic world (reproduces the builtin checkpoint)"),
+    "audit": ("audits.cli", "membership-inference audit of a run (or of a target trained for it): ROC, AUC, TPR "
+                            "at low FPR, empirical eps lower bounds"),
+    "bench": ("bench.cli", "run a benchmark grid (method x eps x seed) and write tables and plots"),
+}
+SHOW_DEFAULTS = ("account",)  # subcommands whose help does not state its defaults itself
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line plus where to find the usage (exit 2)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _flag(name: str) -> str:
@@ -40,22 +60,46 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any
     return cfg, overrides
 
 
+def asked_fields(args: argparse.Namespace) -> set[str]:
+    """The config fields the user set, by flag or in the --config file."""
+    asked = {k for k in vars(args) if k in field_index()}
+    if getattr(args, "config", None):
+        for k, v in load_mapping(args.config).items():
+            asked |= set(v) if isinstance(v, dict) else {k}
+    return asked
+
+
 # ---------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
+    from .preflight import check_config, reference_note
     from .progress import TrainProgress
-    from .train import train
 
-    if getattr(args, "engine", "inprocess") == "flower":  # issue 6: same run, through Flower's simulation engine
-        from .flower import run_flower as train  # noqa: F811  (same signature and run directory)
+    if args.resume is not None:
+        given = [f for f, v in (("--config", args.config), ("--out", args.out)) if v is not None]
+        if given:
+            raise ConfigError(f"--resume {args.resume} continues that run with its saved config and directory; "
+                              f"{' and '.join(given)} cannot be combined with it")
     cfg, overrides = config_from_args(args)
     if args.resume is None:
         cfg.update(overrides)
-        cfg.validate()
+        check_config(cfg)
+        note = reference_note(cfg, asked_fields(args))
+        if note:
+            print(f"dpfpl: note: {note}", file=sys.stderr)
+        if args.out is None:
+            args.out = f"runs/{cfg.train.method}-{cfg.data.dataset}-s{cfg.train.seed}"
+    if getattr(args, "engine", "inprocess") == "flower":  # issue 6: same run, through Flower's simulation engine
+        from .flower import run_flower as train
+    else:
+        from .train import train
     with TrainProgress(enabled=not args.no_progress) as prog:
         summary = train(cfg if args.resume is None else None, out=args.out, resume=args.resume,
                         overrides=overrides if args.resume else None, callbacks=(prog,),
                         on_status=prog.status, on_step=prog.step)
     summary.pop("_engine", None)
+    noop = summary.pop("_noop", None)
+    if noop:
+        print(f"dpfpl: {noop}", file=sys.stderr)
     prog.print_summary(summary, args.out or args.resume)
     return 0
 
@@ -76,9 +120,13 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dpfpl", description="Differentially private federated prompt learning on CLIP")
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The full parser; with ``argv``, only the subcommand it names is built in full (the others
+    get a stub with their help line), so that a command imports only what it needs."""
+    full = argv is None
+    wanted = None if full else next((a for a in argv if not a.startswith("-")), None)
+    parser = Parser(prog="dpfpl", description="Differentially private federated prompt learning on CLIP")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train one run into a run directory")
     p.add_argument("--config", help="TOML or JSON config file (flags override it)")
@@ -93,28 +141,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list the methods").set_defaults(func=cmd_methods)
     sub.add_parser("datasets", help="list the dataset formats").set_defaults(func=cmd_datasets)
-    for mod in ("dpfpl.privacy.account_cli", "dpfpl.pretrain", "audits.cli", "bench.cli"):
-        try:
-            module = __import__(mod, fromlist=["add_parser"])
-        except ImportError as exc:
-            if exc.name and mod.startswith(exc.name):
-                continue  # that part of the suite is not installed in this checkout
-            raise
-        module.add_parser(sub)
+    for name, (mod, help_line) in EXTERNAL.items():
+        if importlib.util.find_spec(mod.split(".")[0]) is None:
+            continue  # that part of the suite is not installed in this checkout
+        if not full and wanted != name:
+            sub.add_parser(name, help=help_line, add_help=False)  # a stub: `dpfpl --help` lists it
+            continue
+        __import__(mod, fromlist=["add_parser"]).add_parser(sub)
+        if name in SHOW_DEFAULTS:
+            sub.choices[name].formatter_class = argparse.ArgumentDefaultsHelpFormatter
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "command", None) == "train" and args.out is None and args.resume is None:
-        cfg, ov = config_from_args(args)
-        cfg.update(ov)
-        args.out = f"runs/{cfg.train.method}-{cfg.data.dataset}-s{cfg.train.seed}"
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except DpfplError as exc:
         print(f"dpfpl: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        from .rundir import os_error_line
+
+        print(f"dpfpl: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dpfpl: interrupted; the run directory holds the last finished round (use --resume)", file=sys.stderr)

@@ -110,10 +110,13 @@ class RunConfig:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {s: asdict(getattr(self, s)) for s in self.SECTIONS}
 
+    META = ("dpfpl_version", "run_id")  # run-directory facts stored beside the fields in config.json
+
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "RunConfig":
+        """A config from a mapping; the run-directory keys in :attr:`META` are ignored."""
         cfg = cls()
-        cfg.update(d, source=source)
+        cfg.update({k: v for k, v in d.items() if k not in cls.META}, source=source)
         return cfg
 
     @classmethod

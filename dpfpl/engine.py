@@ -68,9 +68,13 @@ class EngineRecord:
 class Engine(EngineRecord):
     def __init__(self, cfg: RunConfig, clip: Optional[FrozenClip] = None, dataset: Optional[Dataset] = None,
                  on_status: Optional[Callable[[str], None]] = None,
-                 clients_data: Optional[list[ClientData]] = None):
+                 clients_data: Optional[list[ClientData]] = None, on_ready: Optional[Callable[[], None]] = None):
         """``clip``/``dataset`` skip loading (tests, audits reuse them); ``clients_data`` replaces
-        the configured partition (audits train shadow models on chosen subsets)."""
+        the configured partition (audits train shadow models on chosen subsets).
+
+        Order: dataset, partition, local steps, privacy mechanism (its calibration fails here for an
+        unreachable epsilon), then ``on_ready()`` (e.g. create the run directory), and only then the
+        model is loaded and the images encoded (the expensive part)."""
         self.cfg = cfg.validate()
         t, d = cfg.train, cfg.data
         status = on_status or (lambda msg: None)
@@ -86,6 +90,12 @@ class Engine(EngineRecord):
         elif len(clients_data) != d.num_clients:
             raise ConfigError(f"data.num_clients={d.num_clients} but {len(clients_data)} client partitions were given")
         self.clients_data = clients_data
+        n_mean = float(np.mean([len(c.train_idx) for c in self.clients_data]))
+        self.local_steps = t.local_steps or max(1, math.ceil(n_mean / t.batch_size))
+        # reads cfg, method, protocol, clients_data and local_steps only: before the expensive part
+        self.privacy = build_privacy(cfg, self)
+        if on_ready is not None:
+            on_ready()
         status("loading model")
         self.clip = clip if clip is not None else load_clip(cfg.model.model, cfg.model.pretrained, cfg.model.device)
         self.enc = PromptTextEncoder(self.clip, self.dataset.classnames, t.n_ctx, cut=t.cut_text)
@@ -94,14 +104,11 @@ class Engine(EngineRecord):
         status("encoding images")
         self.store = FeatureStore(self.clip, {"train": self.dataset.train, "test": self.dataset.test},
                                   cache=t.cache_features)
-        n_mean = float(np.mean([len(c.train_idx) for c in self.clients_data]))
-        self.local_steps = t.local_steps or max(1, math.ceil(n_mean / t.batch_size))
         sampling = cfg.batch_sampling
         self.settings = TrainSettings(t.lr, t.momentum, t.weight_decay, t.batch_size, sampling, t.n_ctx)
         seeds = np.random.SeedSequence(t.seed).generate_state(4 + 2 * d.num_clients)
         init_gen = torch.Generator().manual_seed(int(seeds[0]))
         p_G = torch.randn(t.n_ctx, self.enc.width, generator=init_gen) * t.ctx_init_std
-        self.privacy = build_privacy(cfg, self)
         self.server = Server(p_G.to(self.clip.device), self.settings, t.global_lr or t.lr, d.num_clients,
                              t.client_fraction, self.privacy, seed=int(seeds[1]))
         self.clients = [Client(cd, self.method, self.enc, self.store, self.scale, self.settings, self.privacy,

@@ -69,6 +69,8 @@ class TrainProgress(LiveProgress):
             if self.rounds_task is None:
                 self.rounds_task = self.progress.add_task("rounds", total=max(total, 1))
             self.progress.update(self.rounds_task, completed=row["round"], description=f"rounds  {acc}{eps}")
+        elif total == 0:  # a method without training (zero-shot): one evaluation, no round
+            print(f"[dpfpl] evaluated without training: {acc}", file=sys.stderr)
         else:
             print(f"[dpfpl] round {row['round']}/{total} loss {row.get('train_loss', float('nan')):.3f} {acc}{eps}",
                   file=sys.stderr)

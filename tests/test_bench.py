@@ -319,3 +319,38 @@ def test_cli_options_reach_every_cell():
     cells = build_grid(args).cells()
     assert sorted(c.id for c in cells) == ["dpfpl_eps1_s4", "dpfpl_nodp_s4", "dpfpl_ref1_s4"]  # + the preset's reference block
     assert {(c.config().train.lr, c.config().train.rounds) for c in cells} == {(0.3, 2)}
+
+
+def test_audit_killed_midway_is_completed_by_a_rerun(tmp_path, tiny_clip, tiny_dataset, monkeypatch):
+    """A kill during a cell's audit (simulated: the hook raises KeyboardInterrupt) leaves the cell
+    unfinished (pending, checkpoint kept); a rerun audits it without training it again."""
+    calls = []
+
+    def audit(run_dir, settings=None, clip=None, dataset=None):
+        calls.append(Path(run_dir).name)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # killed mid-audit
+        return {"attacks": {"loss": {"auc": 0.61, "tpr_at_1pct_fpr": 0.03, "eps_lower_bound": 0.2}}}
+
+    monkeypatch.setattr("bench.harness.find_audit_hook", lambda: audit)
+    out = tmp_path / "res"
+    grid = tiny_grid(methods=["local"], seeds=[0], audit_attacks=["loss"])
+
+    def run():
+        return Harness(grid, out, progress=False, audit=True, clip=tiny_clip, dataset=tiny_dataset, threads=1).run()
+
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    d = out / "runs" / "local_nodp_s0"
+    assert (d / "summary.json").is_file() and (d / "checkpoint.pt").is_file() and not (d / "audit.json").exists()
+    assert cell_status(grid.cells()[0], out / "runs") == "partial"
+    trained = (d / "summary.json").read_text(), (d / "metrics.jsonl").read_text()
+
+    r = run()
+    assert calls == ["local_nodp_s0", "local_nodp_s0"] and r.ran == ["local_nodp_s0"]
+    assert ((d / "summary.json").read_text(), (d / "metrics.jsonl").read_text()) == trained  # not retrained
+    assert json.loads((d / "audit.json").read_text())["auc"] == 0.61
+    assert float(next(csv.DictReader((out / "runs.csv").open()))["audit_auc"]) == 0.61
+    assert not (d / "checkpoint.pt").exists() and not (d / "cell.pending").exists()
+    assert cell_status(grid.cells()[0], out / "runs") == "done"
+    assert run().skipped == ["local_nodp_s0"] and len(calls) == 2

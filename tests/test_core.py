@@ -84,9 +84,16 @@ def test_per_example_gradients_match_loop(tiny_clip):
 def test_nores_truncates_local_prompt_to_rank_k(tiny_clip, tiny_dataset, make_cfg):
     e = Engine(make_cfg(method="dpfpl-nores", rounds=1, local_steps=1), clip=tiny_clip, dataset=tiny_dataset)
     c = e.clients[0]
+    p0 = c.local["p_L"].detach().clone()
+    assert torch.linalg.matrix_rank(p0, atol=1e-6) == 4  # initialised full rank (n_ctx=4 > rank 2)
     view = e.method.local_view(c.local, c.gen, e.server.p_G)
     assert torch.linalg.matrix_rank(c.local["p_L"].detach(), atol=1e-6) == 2
-    assert torch.allclose(view.u @ view.v.T + (c.local["p_L"] - view.u @ view.v.T), c.local["p_L"])
+    # the state became the rank-k projection u u^T p0 v v^T of the old state (its residual is dropped),
+    # and the forward uses exactly that state
+    projected = view.u @ (view.u.T @ p0 @ view.v) @ view.v.T
+    assert torch.allclose(c.local["p_L"], projected, atol=1e-6)
+    assert torch.equal(view.context(), c.local["p_L"].detach())
+    assert (p0 - projected).norm() > 1e-3 * p0.norm()
 
 
 def test_clients_never_share_state(tiny_clip, tiny_dataset, make_cfg):

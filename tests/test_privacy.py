@@ -83,6 +83,19 @@ def test_normaliser_is_expected_batch_size_not_realised(tiny_clip, tiny_dataset,
     assert float(out.local["p_L"][0, 0]) == pytest.approx(1.5 / c.n_train)  # / (q n) = / n, not / 3
 
 
+def test_shuffle_normaliser_is_the_realised_batch(tiny_clip, tiny_dataset, make_cfg):
+    """Shuffled fixed-size batches (replace-one): the sum is divided by the realised batch's size
+    (5 here, unequal to B = 8, so the two rules give different values)."""
+    e = Engine(dp_cfg(make_cfg, method="local", epsilon=None, noise_multiplier_local=0.0, sampling="shuffle"),
+               clip=tiny_clip, dataset=tiny_dataset)
+    c = e.clients[0]
+    g = torch.zeros(5, 4, 64)
+    g[:, 0, 0] = 0.5
+    c.last_local_idx = torch.arange(5)
+    out = e.privacy.release(c, {"p_L": g}, None, "grad")
+    assert float(out.local["p_L"][0, 0]) == pytest.approx(2.5 / 5)
+
+
 def test_one_event_per_batch_and_draws(tiny_clip, tiny_dataset, make_cfg):
     e = Engine(dp_cfg(make_cfg, method="dpfpl", epsilon=None, noise_multiplier_local=1.0, noise_multiplier_global=2.0),
                clip=tiny_clip, dataset=tiny_dataset)
@@ -225,7 +238,11 @@ def test_reference_mode_claim_vs_accounted(tiny_clip, tiny_dataset, make_cfg, tm
     assert s["reference_sigma"] == pytest.approx(math.sqrt(2 * math.log(1e5)) / 0.4)
     assert s["reference_sigma"] == pytest.approx(reference_sigma(0.4, 2, 1e-5))
     assert s["epsilon_spent"] > 10 * s["epsilon_claimed"]
-    assert s["sampling"] == "shuffle (reference)"
+    assert s["privacy"] == "reference"
+    # the config asked for Poisson sampling (the default) and per-example clipping: the reference
+    # rule runs shuffled batches and batch-mean clipping instead, and the summary says so
+    assert make_cfg().privacy.sampling == "poisson"
+    assert s["sampling"] == "shuffle" and s["clip_unit"] == "batch-mean (reference)"
 
 
 def test_reference_mode_counts_one_exposure_per_epoch(tiny_clip, tiny_dataset, make_cfg):

@@ -1,8 +1,10 @@
 """Generic image folder: ``ROOT/train/<class>/*`` and ``ROOT/test/<class>/*``.
 
-If ``ROOT`` has neither ``train/`` nor ``test/``, it is one folder of class subfolders and each class
-is split deterministically: a seeded fraction ``test_fraction`` of its images (at least one when the
-class has two or more, never all) goes to test. Class names are the sorted folder names with '_'
+If ``ROOT`` has neither ``train/`` nor ``test/``, it is one folder of class subfolders
+(``ROOT/<class>/*``) and each class is split deterministically: a fraction ``test_fraction`` of its
+images (at least one when the class has two or more, never all), drawn by a generator seeded with the
+class folder's name only, goes to test. The split does not depend on the run's ``--seed``: runs
+with different seeds train and test on the same images (``seed`` is accepted and ignored here). Class names are the sorted folder names with '_'
 replaced by ' '. Image files: .jpg .jpeg .png .bmp .webp (any case); hidden files are ignored.
 Missing folders and empty classes raise :class:`DataError` naming the path and the layout.
 """
@@ -18,6 +20,7 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from .base import Dataset, FileSplit
 
+HOLDOUT_SEED = 0  # the flat layout's split is fixed: independent of the run's seed
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 LAYOUT = ("ROOT/train/<class>/*.{jpg,jpeg,png,bmp,webp} and ROOT/test/<class>/*, "
           "or ROOT/<class>/* (split by a seeded per-class holdout)")
@@ -84,7 +87,7 @@ def load_imagefolder(root: str | os.PathLike, seed: int = 0, test_fraction: floa
         tr_p, tr_l, te_p, te_l = [], [], [], []
         for label, d in enumerate(dirs):
             files = _images(d)
-            rng = np.random.default_rng([int(seed), zlib.crc32(d.name.encode())])
+            rng = np.random.default_rng([HOLDOUT_SEED, zlib.crc32(d.name.encode())])
             mask = _holdout(len(files), float(test_fraction), rng)
             for f, is_test in zip(files, mask):
                 (te_p if is_test else tr_p).append(f)

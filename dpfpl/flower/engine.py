@@ -48,7 +48,7 @@ from ..errors import ConfigError, DpfplError
 from ..federation import Client, Server, TrainSettings
 from ..methods import get_method
 from ..rundir import RunDir
-from ..train import open_run
+from ..train import finished_noop, open_run
 from ..sampling import BatchSampler
 
 FLOWER_HINT = "pip install 'dpfpl[flower]'"
@@ -504,6 +504,20 @@ def run_flower(cfg: Optional[RunConfig] = None, out: Optional[str | Path] = None
     require_flwr()
     t0 = time.perf_counter()
     cfg, rd, checkpoint = open_run(cfg, out, resume, overrides)
+    if rd is not None and resume is not None and rd.finished_summary(cfg) is not None:
+        rd.release()
+        return finished_noop(rd, rd.finished_summary(cfg))
+    try:
+        return _run_flower(cfg, rd, checkpoint, resume, t0, callbacks, on_status, on_step, policy, faults,
+                           client_cpus, num_cpus, client_gpus, model_init_seed, keep_ray_dir, verbose)
+    finally:
+        if rd is not None:
+            rd.release()
+
+
+def _run_flower(cfg, rd, checkpoint, resume, t0, callbacks, on_status, on_step, policy, faults, client_cpus,
+                num_cpus, client_gpus, model_init_seed, keep_ray_dir, verbose) -> dict[str, Any]:
+    """:func:`run_flower` once the run directory is open (and locked)."""
     policy = policy or FaultPolicy()
     n_images = _preflight(cfg)
     cpus, actors, note = plan_resources(cfg, n_images, client_cpus, num_cpus, client_gpus)

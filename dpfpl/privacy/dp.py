@@ -549,7 +549,7 @@ class ReferencePrivacy(DPPrivacy):
 
     def extra_summary(self):
         return {"epsilon_claimed": self.claimed, "reference_sigma": self.sigma, "clip_unit": "batch-mean (reference)",
-                "sampling": "shuffle (reference)"}
+                "sampling": "shuffle"}
 
 
 def build_dp_privacy(cfg: RunConfig, engine) -> DPPrivacy:
