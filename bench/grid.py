@@ -4,7 +4,9 @@ A :class:`GridSpec` holds
 
 - ``base``: flat :class:`~dpfpl.config.RunConfig` overrides shared by every cell (``rounds``,
   ``model``, ``root``...);
-- the axes ``methods``, ``epsilons`` (``None`` = non-private) and ``seeds``, plus ``axes``: other
+- the axes ``methods``, ``epsilons`` (``None`` = non-private; ``"clip"`` = clipped, no noise: privacy
+  mode dp with both noise multipliers 0, the private cells' settings and ``private_base``, eps
+  infinite; tagged ``clip`` in cell ids) and ``seeds``, plus ``axes``: other
   RunConfig fields to sweep (``dataset``, ``rank``, ``num_clients``...);
 - ``blocks``: extra sub-grids (e.g. a rank ablation) that override some of the above; the cells
   are the union of the main grid and every block, without duplicates;
@@ -36,6 +38,8 @@ from typing import Any, Optional, Sequence
 from dpfpl.config import RunConfig, field_index
 from dpfpl.errors import ConfigError
 
+from .labels import CLIP  # the eps axis value of the clipped-no-noise cells
+
 #: Cell axes handled by the grid itself (not in ``axes``).
 GRID_KEYS = ("method", "epsilon", "seed")
 #: Config fields the grid sets per cell; they may not appear in ``base`` or ``axes``.
@@ -48,21 +52,32 @@ PRIVATE_MODES = ("dp", "reference")
 BLOCK_KEYS = {"name", "methods", "epsilons", "seeds", "axes", "base", "private_mode"}
 
 
-def eps_tag(eps: Optional[float], mode: str = "dp") -> str:
-    """``nodp``, ``eps0.5`` (honest DP) or ``ref0.5`` (reference mode: 0.5 is the claimed eps)."""
+#: Overrides of a clipped-no-noise cell (on top of ``private_base``): DP mode, no noise, no target.
+CLIP_OVERRIDES = {"privacy": "dp", "epsilon": None, "noise_multiplier_local": 0.0, "noise_multiplier_global": 0.0}
+
+Epsilon = Optional[float | str]  # None (non-private), CLIP, or a target eps
+
+
+def eps_tag(eps: Epsilon, mode: str = "dp") -> str:
+    """``nodp``, ``clip``, ``eps0.5`` (honest DP) or ``ref0.5`` (reference mode: 0.5 is the claimed eps)."""
     if eps is None:
         return "nodp"
+    if eps == CLIP:
+        return CLIP
     return f"{'ref' if mode == 'reference' else 'eps'}{eps:g}"
 
 
-def eps_label(eps: Optional[float]) -> str:
-    return "none" if eps is None else f"{eps:g}"
+def eps_label(eps: Epsilon) -> str:
+    return "none" if eps is None else ("clipped, no noise" if eps == CLIP else f"{eps:g}")
 
 
-def parse_epsilon(v: Any) -> Optional[float]:
-    """``None``/'none'/'inf'/'nodp' -> None (non-private); otherwise a positive float."""
+def parse_epsilon(v: Any) -> Epsilon:
+    """``None``/'none'/'inf'/'nodp' -> None (non-private); 'clip' -> CLIP (clipped, no noise);
+    otherwise a positive float."""
     if v is None:
         return None
+    if isinstance(v, str) and v.strip().lower() in (CLIP, "clipped", "clip-only", "nonoise"):
+        return CLIP
     if isinstance(v, str) and v.strip().lower() in ("none", "null", "inf", "nodp", "nonprivate", "non-private", ""):
         return None
     try:
@@ -91,7 +106,7 @@ class Cell:
 
     id: str
     method: str
-    epsilon: Optional[float]
+    epsilon: Epsilon   # None: non-private; CLIP: clipped, no noise; else the target eps
     seed: int
     axes: tuple[tuple[str, Any], ...]       # (name, value) of every extra axis, in id order
     overrides: tuple[tuple[str, Any], ...]  # complete flat RunConfig overrides of this cell
@@ -99,6 +114,7 @@ class Cell:
 
     @property
     def private(self) -> bool:
+        """Whether the cell runs a DP mechanism (clipped-no-noise cells do: per-example clipping)."""
         return self.epsilon is not None
 
     def overrides_dict(self) -> dict[str, Any]:
@@ -279,12 +295,16 @@ class GridSpec:
                     for eps in part["epsilons"]:
                         if eps is not None and not trainable:
                             continue
+                        if eps == CLIP and mode == "reference":
+                            continue  # the reference mode has no "no noise" variant: its cells are dp ones
                         by_privacy = self.nonprivate_base if eps is None else self.private_base
                         for seed in part["seeds"]:
                             ov = {**self.base, **by_privacy, **part.get("base", {}), **avals, "method": method,
                                   "seed": seed}
                             if eps is None:
                                 ov.update({"privacy": "none", "epsilon": None})
+                            elif eps == CLIP:
+                                ov.update(CLIP_OVERRIDES)
                             else:
                                 ov.update({"privacy": mode, "epsilon": eps})
                             cfg = RunConfig().update(ov)

@@ -12,7 +12,6 @@ import pytest
 from bench.grid import GridSpec, axis_tag, eps_tag, parse_axis, parse_epsilon
 from bench.harness import Harness, cell_status, normalize_audit
 from bench.presets import ALL_METHODS, PAPER_REFERENCE, get_preset, load_grid_file, preset_names
-from bench.report import accuracy_table, group
 from bench.timing import PeakMemory, Stopwatch, time_callable
 from dpfpl.errors import ConfigError
 
@@ -144,7 +143,8 @@ def test_tiny_grid_runs_resumes_and_reports(tmp_path, tiny_clip, tiny_dataset):
     grid = tiny_grid()
     r = harness(grid, out, tiny_clip, tiny_dataset, keep_checkpoints=True).run()
     assert sorted(r.ran) == sorted(c.id for c in grid.cells()) and not r.skipped
-    for name in ("runs.csv", "table_local.md", "table_neighbor.md", "table_privacy.md", "table_cost.md",
+    for name in ("runs.csv", "table_local.md", "table_local.tex", "table_local.csv", "table_neighbor.md",
+                 "table_privacy.md", "table_privacy.tex", "table_cost.md", "table_cost.csv", "table_local_vs_dpfpl.md",
                  "acc_vs_eps.png", "README.md", "grid.json"):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader((out / "runs.csv").open()))
@@ -158,7 +158,7 @@ def test_tiny_grid_runs_resumes_and_reports(tmp_path, tiny_clip, tiny_dataset):
     bench_rec = json.loads((out / "runs/dpfpl_nodp_s0/bench.json").read_text())
     assert bench_rec["steps_per_s"] > 0 and bench_rec["resumed"] is False
     table = (out / "table_local.md").read_text()
-    assert "| dataset | eps | Zero-shot | Local only | DP-FPL |" in table
+    assert "| dataset | eps | Zero-shot | Local only | DP-FPL | DP-FPL vs baselines (p<0.05) |" in table
     assert "| synthetic | none |" in table and "±" in table
     readme = (out / "README.md").read_text()
     assert "dpfpl bench --test" in readme and "![accuracy vs eps](acc_vs_eps.png)" in readme
@@ -212,7 +212,7 @@ def test_private_cell_and_privacy_outputs(tmp_path, tiny_clip, tiny_dataset):
     assert float(priv["epsilon"]) == 50.0 and float(priv["epsilon_rdp"]) > 0 and float(priv["epsilon_pld"]) > 0
     assert (out / "eps_accounting.png").is_file()
     assert "| synthetic | DP-FPL | 50 |" in (out / "table_privacy.md").read_text()
-    assert "![eps: claimed / target vs accounted vs empirical](eps_accounting.png)" in (out / "README.md").read_text()
+    assert "![eps: target / claimed vs accounted (RDP, PLD) vs empirical](eps_accounting.png)" in (out / "README.md").read_text()
 
 
 def test_audit_hook_called_and_normalised(tmp_path, tiny_clip, tiny_dataset, monkeypatch):
@@ -236,43 +236,6 @@ def test_audit_hook_called_and_normalised(tmp_path, tiny_clip, tiny_dataset, mon
     audit_rows = [x for x in (out / "table_audit.md").read_text().splitlines() if x.startswith("| synthetic")]
     assert len(audit_rows) == 2 and "| lira | 0.7 | 0.05 |" in audit_rows[1]
     assert "error" in normalize_audit({"attacks": {}})
-
-
-# ------------------------------------------------------------------------------------ report pieces
-
-def _row(method, eps, seed, local, dataset="d"):
-    return {"method": method, "epsilon": eps, "seed": seed, "dataset": dataset, "local_acc": local,
-            "neighbor_acc": local, "_axes": []}
-
-
-def test_tables_layout_zero_shot_and_reference():
-    rows = [_row("zeroshot", None, 0, 0.2), _row("dpfpl", None, 0, 0.8), _row("dpfpl", None, 1, 0.9),
-            _row("dpfpl", 1.0, 0, 0.5), _row("promptfl", 1.0, 0, 0.4), _row("promptfl", None, 0, 0.7)]
-    g = group(rows, "local_acc")
-    assert list(g) == [("d", None), ("d", 1.0)]
-    assert g[("d", 1.0)]["zeroshot"][0] == pytest.approx(0.2)  # zero-shot repeated on every eps row
-    assert g[("d", None)]["dpfpl"][0] == pytest.approx(0.85)
-    grid = tiny_grid(seeds=[0, 1], reference=[{"table": "local", "match": {"dataset": "d", "epsilon": 1.0},
-                                               "values": {"dpfpl": 55.5}}], reference_source="paper X")
-    t = accuracy_table(rows, "local_acc", grid, "Local")
-    lines = t.splitlines()
-    header = next(x for x in lines if x.startswith("| dataset"))
-    assert header == "| dataset | eps | Zero-shot | PromptFL | DP-FPL | DP-FPL (paper) |"
-    row_none = next(x for x in lines if x.startswith("| d | none"))
-    assert "**85.0 ± 7.1**" in row_none and "70.0 ± 0.0 (n=1)" in row_none
-    row_1 = next(x for x in lines if x.startswith("| d | 1 "))
-    assert row_1.endswith("| 55.50 |") and "20.0 ± 0.0 (n=1)" in row_1
-
-
-def test_reference_mode_is_its_own_series():
-    """Reference-mode runs of a method are never averaged with its honest runs: own column, own label."""
-    rows = [_row("dpfpl", 1.0, 0, 0.5), _row("dpfpl", 1.0, 0, 0.9), _row("dpfpl", None, 0, 0.8)]
-    rows[1]["privacy"] = "reference"
-    g = group(rows, "local_acc")
-    assert g[("d", 1.0)]["dpfpl"][0] == pytest.approx(0.5) and g[("d", 1.0)]["dpfpl+ref"][0] == pytest.approx(0.9)
-    header = next(x for x in accuracy_table(rows, "local_acc", tiny_grid(seeds=[0]), "Local").splitlines()
-                  if x.startswith("| dataset"))
-    assert header == "| dataset | eps | DP-FPL | DP-FPL (ref. mode) |"
 
 
 # ------------------------------------------------------------------------------------ timing + CLI
