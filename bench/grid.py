@@ -16,6 +16,10 @@ A :class:`GridSpec` holds
   cells are tagged ``ref<eps>`` instead of ``eps<eps>``;
 - ``private_base`` / ``nonprivate_base``: overrides for the eps cells / the non-private cells only
   (e.g. a learning rate tuned for clipped gradients and one for raw gradients);
+- ``tuned``: per-method settings (e.g. a tuned learning rate), keyed ``method`` (every cell of the
+  method), ``method:private`` (its clipped and eps cells) or ``method:<level>`` (``none``, ``clip``,
+  ``4``...), applied in that order after ``private_base`` / ``nonprivate_base``; the lr sweep
+  writes this mapping (``tuned_lr.json``);
 - ``dataset_options``: keyword options of the dataset loader (e.g. the synthetic task's size);
 - ``reference``: published numbers shown next to ours in the tables.
 
@@ -154,6 +158,7 @@ class GridSpec:
     private_mode: str = "dp"
     private_base: dict[str, Any] = field(default_factory=dict)     # overrides for the eps cells only
     nonprivate_base: dict[str, Any] = field(default_factory=dict)  # overrides for the non-private cells only
+    tuned: dict[str, dict[str, Any]] = field(default_factory=dict)  # "method[:private|:<level>]" -> overrides
     dataset_options: dict[str, Any] = field(default_factory=dict)
     reference: list[dict[str, Any]] = field(default_factory=list)
     reference_source: str = ""
@@ -248,7 +253,8 @@ class GridSpec:
                                       f"(use methods / epsilons / seeds / private_mode)")
                 if k not in index:
                     raise ConfigError(f"bench grid {self.name}: unknown config field {k!r} in axes/base")
-        for k in list(self.base) + list(self.private_base) + list(self.nonprivate_base):
+        for k in list(self.base) + list(self.private_base) + list(self.nonprivate_base) + \
+                [f for ov in self.tuned.values() for f in ov]:
             if k in CELL_KEYS:
                 raise ConfigError(f"bench grid {self.name}: {k!r} is set per cell by the grid "
                                   f"(use methods / epsilons / seeds / private_mode)")
@@ -259,6 +265,16 @@ class GridSpec:
         if not self.seeds:
             raise ConfigError(f"bench grid {self.name}: no seeds")
         return self
+
+    def tuned_for(self, method: str, eps: Any) -> dict[str, Any]:
+        """The ``tuned`` overrides of a method at an eps axis value (see the module doc)."""
+        from .labels import level_of
+
+        out: dict[str, Any] = dict(self.tuned.get(method, {}))
+        if eps is not None:
+            out.update(self.tuned.get(f"{method}:private", {}))
+        out.update(self.tuned.get(f"{method}:{level_of(eps)}", {}))
+        return out
 
     def _main(self) -> dict[str, Any]:
         return {"methods": self.methods, "epsilons": self.epsilons, "seeds": self.seeds, "axes": self.axes,
@@ -298,9 +314,10 @@ class GridSpec:
                         if eps == CLIP and mode == "reference":
                             continue  # the reference mode has no "no noise" variant: its cells are dp ones
                         by_privacy = self.nonprivate_base if eps is None else self.private_base
+                        tuned = self.tuned_for(method, eps)
                         for seed in part["seeds"]:
-                            ov = {**self.base, **by_privacy, **part.get("base", {}), **avals, "method": method,
-                                  "seed": seed}
+                            ov = {**self.base, **by_privacy, **tuned, **part.get("base", {}), **avals,
+                                  "method": method, "seed": seed}
                             if eps is None:
                                 ov.update({"privacy": "none", "epsilon": None})
                             elif eps == CLIP:

@@ -35,7 +35,8 @@ from .frames import from_rows
 from .grid import Cell, GridSpec, eps_label
 from .labels import CLIP, label, level_label, level_of, series_order
 from .render import to_markdown, write_table
-from .tables import Table, accuracy_table, audit_table, cost_table, privacy_table, significance_table
+from .tables import (Table, accuracy_table, audit_table, cost_table, privacy_table, significance_table, tuned_mapping,
+                     tuning_table)
 
 #: Leading columns of runs.csv (always present, in this order; grid axes go after ``dataset``).
 CSV_COLUMNS = ["cell", "method", "epsilon", "seed", "dataset", "privacy", "level", "local_acc", "neighbor_acc",
@@ -163,6 +164,9 @@ def build_tables(df: pd.DataFrame, grid: Optional[GridSpec], n_expected: int) ->
                                  f"{name}_vs_dpfpl")
         if sig is not None:
             tables[sig.name] = sig
+    sweep = tuning_table(df)
+    if sweep is not None:
+        tables[sweep.name] = sweep
     tables["privacy"] = privacy_table(df)
     tables["cost"] = cost_table(df)
     audits = audit_table(df)
@@ -260,6 +264,9 @@ def readme(out: Path, grid: GridSpec, cells: Sequence[Cell], df: pd.DataFrame, t
     lines.append(f"- written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     if grid.notes:
         lines += ["", "Notes on the preset:", ""] + [f"- {n}" for n in grid.notes]
+    if "lr_choice" in tables:
+        lines += ["", "## Learning rate chosen on validation data", "", to_markdown(tables["lr_choice"]),
+                  "`tuned_lr.json` holds these choices as a grid's `tuned` mapping (bench.grid.GridSpec.tuned)."]
     lines += ["", "## Accuracy", ""]
     for name in ("local", "neighbor", "val_local", "local_vs_dpfpl", "neighbor_vs_dpfpl", "val_local_vs_dpfpl"):
         if name in tables:
@@ -299,6 +306,10 @@ def write_report(out: str | Path, grid: GridSpec, cells: Sequence[Cell], command
     for t in tables.values():
         for p in write_table(t, out):
             files[p.name] = p
+    if "lr_choice" in tables:
+        p = out / "tuned_lr.json"
+        atomic_write_bytes(p, json.dumps(tuned_mapping(tables["lr_choice"]), indent=1, sort_keys=True).encode())
+        files[p.name] = p
     plot_files = {"accuracy vs eps": plots.plot_acc_vs_eps({grid.name: df}, out / "acc_vs_eps.png"),
                   "eps: target / claimed vs accounted (RDP, PLD) vs empirical":
                       plots.plot_eps_accounting({grid.name: df}, out / "eps_accounting.png"),

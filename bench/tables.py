@@ -335,3 +335,57 @@ def value_or_nan(x: Any) -> float:
         return float(x)
     except (TypeError, ValueError):
         return np.nan
+
+
+def tuning_table(df: pd.DataFrame, param: str = "lr", metric: str = "val_local_acc",
+                 test_metric: str = "local_acc") -> Optional[Table]:
+    """The hyperparameter sweep's choice: per dataset [x other axes] x series x level, the value of
+    ``param`` with the highest mean ``metric`` (validation accuracy) over seeds, its mean ± 95%
+    t-interval, the runner-up value, and, for information only (never used to choose), the test
+    accuracy at the chosen value. None unless ``param`` is a grid axis and ``metric`` was measured."""
+    axes = df.attrs.get("axes", [])
+    if param not in axes or metric not in df.columns or not pd.to_numeric(df[metric], errors="coerce").notna().any():
+        return None
+    other = [a for a in axes if a != param]
+    keys = ["dataset", *other, "series", "level"]
+    st = summarize(df, keys + [param], metric)
+    test = summarize(df, keys + [param], test_metric).set_index(keys + [param])
+    order = series_order(df["series"])
+    heads = ["dataset", *other, "method", "eps", f"chosen {param}", f"validation acc. at chosen {param}",
+             f"runner-up {param} (val. acc.)", f"{param} values tried", f"test acc. at chosen {param} (not used)"]
+    body, data = [], []
+    groups = st.groupby(keys, sort=False, dropna=False)
+    idx = pd.DataFrame(list(groups.groups), columns=keys)
+    idx["_s"] = [order.index(s) for s in idx["series"]]
+    idx = sort_rows(idx.sort_values("_s", kind="stable"), list(dict.fromkeys(df["dataset"])), other + ["_s"])
+    n_max = int(st["n"].max()) if len(st) else 0
+    for rec in idx.drop(columns="_s").to_dict("records"):
+        g = groups.get_group(tuple(rec[k] for k in keys)).sort_values("mean", ascending=False, kind="stable")
+        best = g.iloc[0]
+        runner = g.iloc[1] if len(g) > 1 else None
+        tk = tuple(rec[k] for k in keys) + (best[param],)
+        t_mean, t_ci, t_n = ((test.loc[tk, "mean"], test.loc[tk, "ci"], int(test.loc[tk, "n"])) if tk in test.index
+                             else (math.nan, math.nan, 0))
+        body.append([str(rec["dataset"]), *[str(rec[a]) for a in other], label(rec["series"]), level_label(rec["level"]),
+                     f"{best[param]:g}", fmt_ci(best["mean"], best["ci"], int(best["n"]), n_max),
+                     f"{runner[param]:g} ({100 * runner['mean']:.1f})" if runner is not None else "-",
+                     ", ".join(f"{v:g}" for v in sorted(g[param])), fmt_ci(t_mean, t_ci, t_n, n_max)])
+        data.append({**rec, f"chosen_{param}": best[param], "val_mean_pct": 100 * best["mean"],
+                     "val_ci95_pct": 100 * best["ci"], "n": int(best["n"]),
+                     f"runner_up_{param}": runner[param] if runner is not None else math.nan,
+                     "test_mean_pct_at_chosen": 100 * t_mean})
+    caption = (f"{param} chosen per method x privacy level by the highest mean validation accuracy (each client's "
+               "held-out training images, data.val_fraction) over the sweep's seeds; mean ± 95% t-interval, in %. "
+               "The test accuracy is shown for information and never used to choose.")
+    return Table(f"{param}_choice", f"Sweep: {param} chosen on validation accuracy", caption,
+                 pd.DataFrame(body, columns=heads), data=pd.DataFrame(data))
+
+
+def tuned_mapping(t: Table, param: str = "lr") -> dict[str, dict[str, float]]:
+    """A :func:`tuning_table` as :attr:`bench.grid.GridSpec.tuned` (``method:<level>`` -> {param: value})."""
+    out: dict[str, dict[str, float]] = {}
+    if t.data is None:
+        return out
+    for r in t.data.to_dict("records"):
+        out[f"{r['series']}:{r['level']}"] = {param: float(r[f"chosen_{param}"])}
+    return out

@@ -34,32 +34,52 @@ def harness(grid, out, clip, dataset, **kw) -> Harness:
 # ------------------------------------------------------------------------------------ grid
 
 def test_default_grid_expansion():
+    from bench.presets import DEFAULT_METHODS
+
     g = get_preset("default")
     cells = g.cells()
     trainable = [m for m in g.methods if m != "zeroshot"]
-    assert set(g.methods) == set(ALL_METHODS)
-    assert len(g.epsilons) == 4 and g.epsilons[0] is None and len(g.seeds) >= 2
-    n_private = len(g.epsilons) - 1
-    # + zero-shot once per seed + DP-FPL in reference mode at every eps level
-    assert len(cells) == len(trainable) * len(g.epsilons) * len(g.seeds) + len(g.seeds) + n_private * len(g.seeds)
+    assert g.methods == DEFAULT_METHODS and set(trainable) == {"promptfl", "fedotp", "fedpgp", "dpfpl"}
+    assert g.epsilons == [None, "clip", 4.0, 1.0, 0.25] and len(g.seeds) >= 3 and not g.blocks
+    # + zero-shot once per seed
+    assert len(cells) == len(trainable) * len(g.epsilons) * len(g.seeds) + len(g.seeds)
     ids = [c.id for c in cells]
     assert len(set(ids)) == len(ids)
-    e = g.epsilons[1]
-    assert f"dpfpl_eps{e:g}_s0" in ids and "dpfpl_nodp_s1" in ids
-    assert [c.id for c in cells if c.method == "zeroshot"] == ["zeroshot_nodp_s0", "zeroshot_nodp_s1"]
-    c = next(c for c in cells if c.id == f"dpfpl_eps{e:g}_s1")
-    cfg = c.config()
-    assert (cfg.privacy.privacy, cfg.privacy.epsilon, cfg.train.seed, cfg.train.method) == ("dp", e, 1, "dpfpl")
+    assert "dpfpl_eps4_s0" in ids and "dpfpl_nodp_s1" in ids and "fedpgp_clip_s2" in ids
+    assert [c.id for c in cells if c.method == "zeroshot"] == ["zeroshot_nodp_s0", "zeroshot_nodp_s1", "zeroshot_nodp_s2"]
+    cfg = next(c for c in cells if c.id == "dpfpl_eps4_s1").config()
+    assert (cfg.privacy.privacy, cfg.privacy.epsilon, cfg.train.seed, cfg.train.method) == ("dp", 4.0, 1, "dpfpl")
     nodp = next(c for c in cells if c.id == "dpfpl_nodp_s0").config()
     assert nodp.privacy.privacy == "none"
+    # clipped, no noise: dp mode, both noise multipliers 0, no target eps, the private cells' lr and clipping
+    clip = next(c for c in cells if c.id == "dpfpl_clip_s0").config()
+    assert (clip.privacy.privacy, clip.privacy.epsilon, clip.privacy.noise_multiplier_local,
+            clip.privacy.noise_multiplier_global) == ("dp", None, 0.0, 0.0)
+    assert (clip.train.lr, clip.privacy.clip_norm, clip.privacy.sampling) == \
+        (cfg.train.lr, cfg.privacy.clip_norm, cfg.privacy.sampling)
     # per-privacy overrides: the learning rate of clipped (private) vs raw (non-private) gradients
     assert cfg.train.lr == g.private_base["lr"] and nodp.train.lr == g.nonprivate_base["lr"]
     assert {c.config().train.lr for c in g.select(axes={"lr": [0.3]}).cells()} == {0.3}
-    ref = next(c for c in cells if c.id == f"dpfpl_ref{e:g}_s1").config()
-    assert (ref.privacy.privacy, ref.privacy.epsilon, ref.train.lr) == ("reference", e, g.private_base["lr"])
-    assert not [c for c in cells if c.id.startswith("dpfpl_ref") and c.epsilon is None]
+    # tuned per-method settings: method, method:private, method:<level>, in that order
+    g.tuned = {"dpfpl": {"lr": 0.5}, "dpfpl:private": {"lr": 0.2}, "dpfpl:clip": {"lr": 0.05}}
+    lrs = {c.id: c.config().train.lr for c in g.cells() if c.seed == 0}
+    assert (lrs["dpfpl_nodp_s0"], lrs["dpfpl_eps4_s0"], lrs["dpfpl_clip_s0"], lrs["fedpgp_eps4_s0"]) == \
+        (0.5, 0.2, 0.05, g.private_base["lr"])
+    full = get_preset("full")
+    assert set(full.methods) == set(ALL_METHODS) and full.seeds == g.seeds
+    ref = next(c for c in full.cells() if c.id == "dpfpl_ref4_s1").config()
+    assert (ref.privacy.privacy, ref.privacy.epsilon, ref.train.lr) == ("reference", 4.0, g.private_base["lr"])
+    assert not [c for c in full.cells() if c.id.startswith("dpfpl_ref") and c.epsilon in (None, "clip")]
     with pytest.raises(ConfigError, match="private_mode"):
         tiny_grid(blocks=[{"methods": ["dpfpl"], "private_mode": "public"}]).cells()
+
+
+def test_lr_sweep_preset():
+    g = get_preset("lr-sweep")
+    cells = g.cells()
+    assert g.axes["lr"] == [0.002, 0.01, 0.03, 0.1, 0.3] and not set(g.seeds) & set(get_preset("default").seeds)
+    assert {c.config().data.val_fraction for c in cells} == {0.2}
+    assert len(cells) == 4 * 5 * 5 * len(g.seeds)
 
 
 def test_audits_preset():
@@ -81,7 +101,7 @@ def test_paper_grid_blocks_and_selection():
     assert len(ids) == len(cells)
     # main grid: 4 datasets x 4 methods x 6 eps x 5 seeds; ablation adds ranks 1, 2, 4 for dpfpl and
     # ranks 1, 2, 4, 8 for dpfpl-nores (dpfpl at rank 8 is shared with the main grid)
-    assert len(cells) == 4 * 4 * 6 * 5 + 4 * 3 * 6 * 5 + 4 * 4 * 6 * 5
+    assert len(cells) == 4 * 4 * 7 * 5 + 4 * 3 * 7 * 5 + 4 * 4 * 7 * 5  # 7 levels: none, clip, 5 eps
     assert "caltech101_r8_dpfpl_eps0.1_s0" in ids and "food101_r1_dpfpl-nores_nodp_s4" in ids
     c = next(c for c in cells if c.id == "oxford-pets_r2_dpfpl_eps0.05_s3")
     cfg = c.config()
@@ -96,7 +116,7 @@ def test_paper_grid_blocks_and_selection():
 
 
 def test_cifar_and_presets_listed():
-    assert preset_names() == ["default", "audits", "paper", "cifar100"]
+    assert preset_names() == ["default", "full", "lr-sweep", "audits", "paper", "cifar100"]
     g = get_preset("cifar100")
     cfg = g.cells()[0].config()
     assert (cfg.data.dataset, cfg.data.partition, cfg.data.dirichlet_beta) == ("cifar100", "dirichlet", 0.3)
@@ -128,9 +148,7 @@ def test_grid_file(tmp_path):
     g = load_grid_file(f)
     assert g.name == "g" and g.base["rounds"] == 2 and g.base["dataset"] == "synthetic"
     ids = {c.id for c in g.cells()}
-    # the preset's reference-mode block is narrowed to the file's eps list
-    assert ids == {f"r{r}_{m}_{e}_s3" for r in (1, 2) for m in ("dpfpl", "promptfl") for e in ("nodp", "eps1")} | \
-        {f"r{r}_dpfpl_ref1_s3" for r in (1, 2)}
+    assert ids == {f"r{r}_{m}_{e}_s3" for r in (1, 2) for m in ("dpfpl", "promptfl") for e in ("nodp", "eps1")}
     f.write_text("[bench]\nbogus = 1\n")
     with pytest.raises(ConfigError, match="bogus"):
         load_grid_file(f)
@@ -280,5 +298,21 @@ def test_cli_options_reach_every_cell():
     args = build_parser().parse_args(["bench", "--lr", "0.3", "--rounds", "2", "--method", "dpfpl", "--seed", "4",
                                       "--epsilons", "none", "1"])
     cells = build_grid(args).cells()
-    assert sorted(c.id for c in cells) == ["dpfpl_eps1_s4", "dpfpl_nodp_s4", "dpfpl_ref1_s4"]  # + the preset's reference block
+    assert sorted(c.id for c in cells) == ["dpfpl_eps1_s4", "dpfpl_nodp_s4"]
     assert {(c.config().train.lr, c.config().train.rounds) for c in cells} == {(0.3, 2)}
+
+
+def test_tiny_lr_sweep_chooses_on_validation(tmp_path, tiny_clip, tiny_dataset):
+    grid = tiny_grid(methods=["local"], seeds=[0, 1], axes={"lr": [0.01, 0.5]}, base={**TINY, "val_fraction": 0.3})
+    out = tmp_path / "sweep"
+    harness(grid, out, tiny_clip, tiny_dataset).run()
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    val = {lr: sum(float(r["val_local_acc"]) for r in rows if float(r["lr"]) == lr) / 2 for lr in (0.01, 0.5)}
+    test = {lr: sum(float(r["local_acc"]) for r in rows if float(r["lr"]) == lr) / 2 for lr in (0.01, 0.5)}
+    best = max(val, key=val.get)
+    assert json.loads((out / "tuned_lr.json").read_text()) == {"local:none": {"lr": best}}
+    choice = list(csv.DictReader((out / "table_lr_choice.csv").open()))
+    assert len(choice) == 1 and float(choice[0]["chosen_lr"]) == best
+    assert float(choice[0]["val_mean_pct"]) == pytest.approx(100 * val[best])
+    assert float(choice[0]["test_mean_pct_at_chosen"]) == pytest.approx(100 * test[best])
+    assert "## Learning rate chosen on validation data" in (out / "README.md").read_text()
