@@ -59,6 +59,10 @@ def read_json(p: Path) -> Optional[dict[str, Any]]:
         return None
 
 
+def _first(*xs: Any) -> Any:
+    return next((x for x in xs if x is not None), None)
+
+
 def collect_rows(cells: Sequence[Cell], runs_dir: Path) -> list[dict[str, Any]]:
     """One row per finished cell of the grid (cells without summary.json are left out)."""
     rows = []
@@ -71,6 +75,8 @@ def collect_rows(cells: Sequence[Cell], runs_dir: Path) -> list[dict[str, Any]]:
         audit = read_json(d / "audit.json") or {}
         key = c.key()
         level = level_of(c.epsilon)
+        # no noise: eps is infinite by definition (summary.json may hold Infinity, or null)
+        no_noise = math.inf if level == CLIP else None
         row: dict[str, Any] = {
             "cell": c.id, "method": c.method, "epsilon": math.inf if level == CLIP else c.epsilon, "seed": c.seed,
             "dataset": key["dataset"], **{k: v for k, v in c.axes if k != "dataset"},
@@ -79,8 +85,8 @@ def collect_rows(cells: Sequence[Cell], runs_dir: Path) -> list[dict[str, Any]]:
             "zeroshot_local_acc": summary.get("zeroshot_local_acc"),
             "zeroshot_neighbor_acc": summary.get("zeroshot_neighbor_acc"),
             "epsilon_target": summary.get("epsilon_target", None if level == CLIP else c.epsilon),
-            "epsilon_rdp": summary.get("epsilon_rdp", summary.get("epsilon_spent")),
-            "epsilon_pld": summary.get("epsilon_pld"), "epsilon_claimed": summary.get("epsilon_claimed"),
+            "epsilon_rdp": _first(summary.get("epsilon_rdp"), summary.get("epsilon_spent"), no_noise),
+            "epsilon_pld": _first(summary.get("epsilon_pld"), no_noise), "epsilon_claimed": summary.get("epsilon_claimed"),
             "audit_auc": audit.get("auc"), "audit_tpr_at_1pct_fpr": audit.get("tpr_at_1pct_fpr"),
             "audit_eps_lower_bound": audit.get("eps_lower_bound"), "audit_attack": audit.get("attack"),
             "rounds": summary.get("rounds"), "client_steps": summary.get("client_steps"),
