@@ -88,6 +88,11 @@ def _label_unique(labels: list[str]) -> list[str]:
     return out
 
 
+def _axis_str(v: object) -> str:
+    """An axis value for display; '-' where a source has no such axis."""
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+
+
 def compare_table(frames: dict[str, pd.DataFrame], metric: str, title: str, name: str) -> Table:
     """See the module doc. Rows: the union over sources; '-' where a source lacks the cell."""
     names = list(frames)
@@ -113,7 +118,8 @@ def compare_table(frames: dict[str, pd.DataFrame], metric: str, title: str, name
     body, bold, data = [], [], []
     for rec in union.drop(columns="_s").to_dict("records"):
         k = tuple(rec[c] for c in keys)
-        cells = [str(rec["dataset"]), *[str(rec[a]) for a in axes], level_label(rec["level"]), label(rec["series"])]
+        cells = [str(rec["dataset"]), *[_axis_str(rec[a]) for a in axes], level_label(rec["level"]),
+                 label(rec["series"])]
         marks = [False] * len(cells)
         vals = {}
         for s in names:

@@ -92,6 +92,8 @@ def plot_acc_vs_eps(frames: dict[str, pd.DataFrame], path: Path, max_panels: int
                                 yerr=[0 if math.isnan(pts["ci"].iloc[i]) else 100 * pts["ci"].iloc[i] for i in order],
                                 marker=FOLDER_MARKERS[fi % 6], ms=4, capsize=2, color=color(m, si), label=name,
                                 ls=FOLDER_STYLES[fi % 4] if many else linestyle(m))
+            lo, hi = ax.get_ylim()  # 95% intervals of 2-3 seeds can reach past 0-100
+            ax.set_ylim(max(lo, 0.0), min(hi, 100.0))
             ax.set_xscale("log")
             ticks = eps_vals + [x_of[lv] for lv in (CLIP, NONE) if lv in has]
             ax.set_xticks(ticks)

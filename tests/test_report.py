@@ -161,3 +161,14 @@ def test_report_cli_bad_input_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(tmp_path / "empty") in err[0] and "runs.csv" in err[0]
     assert main(["report", "preset:audits", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_reads_runs_csv_written_before_levels(tmp_path):
+    """An older runs.csv (no level column; reference mode in `privacy`) reads as the same levels and series."""
+    (tmp_path / "runs.csv").write_text(
+        "cell,method,epsilon,seed,dataset,privacy,local_acc,neighbor_acc\n"
+        "a,dpfpl,,0,synthetic,none,0.7,0.5\nb,dpfpl,4.0,0,synthetic,dp,0.72,0.5\n"
+        "c,dpfpl,4.0,0,synthetic,reference,0.66,0.5\n")
+    df = read_runs_csv(tmp_path / "runs.csv")
+    assert list(df["level"]) == ["none", "4", "4"] and list(df["series"]) == ["dpfpl", "dpfpl", "dpfpl+ref"]
+    assert df.attrs["axes"] == [] and math.isnan(df["epsilon"].iloc[0]) and df["epsilon"].iloc[1] == 4.0
