@@ -95,6 +95,8 @@ def build_grid(args: argparse.Namespace):
         grid.axes.pop(k, None)
         grid.private_base.pop(k, None)
         grid.nonprivate_base.pop(k, None)
+        for ov in grid.tuned.values():
+            ov.pop(k, None)
         for b in grid.blocks:
             b.get("axes", {}).pop(k, None)
     grid.base.update(overrides)

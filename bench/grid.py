@@ -4,7 +4,9 @@ A :class:`GridSpec` holds
 
 - ``base``: flat :class:`~dpfpl.config.RunConfig` overrides shared by every cell (``rounds``,
   ``model``, ``root``...);
-- the axes ``methods``, ``epsilons`` (``None`` = non-private) and ``seeds``, plus ``axes``: other
+- the axes ``methods``, ``epsilons`` (``None`` = non-private; ``"clip"`` = clipped, no noise: privacy
+  mode dp with both noise multipliers 0, the private cells' settings and ``private_base``, eps
+  infinite; tagged ``clip`` in cell ids) and ``seeds``, plus ``axes``: other
   RunConfig fields to sweep (``dataset``, ``rank``, ``num_clients``...);
 - ``blocks``: extra sub-grids (e.g. a rank ablation) that override some of the above; the cells
   are the union of the main grid and every block, without duplicates;
@@ -14,6 +16,10 @@ A :class:`GridSpec` holds
   cells are tagged ``ref<eps>`` instead of ``eps<eps>``;
 - ``private_base`` / ``nonprivate_base``: overrides for the eps cells / the non-private cells only
   (e.g. a learning rate tuned for clipped gradients and one for raw gradients);
+- ``tuned``: per-method settings (e.g. a tuned learning rate), keyed ``method`` (every cell of the
+  method), ``method:private`` (its clipped and eps cells) or ``method:<level>`` (``none``, ``clip``,
+  ``4``...), applied in that order after ``private_base`` / ``nonprivate_base``; the lr sweep
+  writes this mapping (``tuned_lr.json``);
 - ``dataset_options``: keyword options of the dataset loader (e.g. the synthetic task's size);
 - ``reference``: published numbers shown next to ours in the tables.
 
@@ -36,6 +42,8 @@ from typing import Any, Optional, Sequence
 from dpfpl.config import RunConfig, field_index
 from dpfpl.errors import ConfigError
 
+from .labels import CLIP  # the eps axis value of the clipped-no-noise cells
+
 #: Cell axes handled by the grid itself (not in ``axes``).
 GRID_KEYS = ("method", "epsilon", "seed")
 #: Config fields the grid sets per cell; they may not appear in ``base`` or ``axes``.
@@ -48,21 +56,32 @@ PRIVATE_MODES = ("dp", "reference")
 BLOCK_KEYS = {"name", "methods", "epsilons", "seeds", "axes", "base", "private_mode"}
 
 
-def eps_tag(eps: Optional[float], mode: str = "dp") -> str:
-    """``nodp``, ``eps0.5`` (honest DP) or ``ref0.5`` (reference mode: 0.5 is the claimed eps)."""
+#: Overrides of a clipped-no-noise cell (on top of ``private_base``): DP mode, no noise, no target.
+CLIP_OVERRIDES = {"privacy": "dp", "epsilon": None, "noise_multiplier_local": 0.0, "noise_multiplier_global": 0.0}
+
+Epsilon = Optional[float | str]  # None (non-private), CLIP, or a target eps
+
+
+def eps_tag(eps: Epsilon, mode: str = "dp") -> str:
+    """``nodp``, ``clip``, ``eps0.5`` (honest DP) or ``ref0.5`` (reference mode: 0.5 is the claimed eps)."""
     if eps is None:
         return "nodp"
+    if eps == CLIP:
+        return CLIP
     return f"{'ref' if mode == 'reference' else 'eps'}{eps:g}"
 
 
-def eps_label(eps: Optional[float]) -> str:
-    return "none" if eps is None else f"{eps:g}"
+def eps_label(eps: Epsilon) -> str:
+    return "none" if eps is None else ("clipped, no noise" if eps == CLIP else f"{eps:g}")
 
 
-def parse_epsilon(v: Any) -> Optional[float]:
-    """``None``/'none'/'inf'/'nodp' -> None (non-private); otherwise a positive float."""
+def parse_epsilon(v: Any) -> Epsilon:
+    """``None``/'none'/'inf'/'nodp' -> None (non-private); 'clip' -> CLIP (clipped, no noise);
+    otherwise a positive float."""
     if v is None:
         return None
+    if isinstance(v, str) and v.strip().lower() in (CLIP, "clipped", "clip-only", "nonoise"):
+        return CLIP
     if isinstance(v, str) and v.strip().lower() in ("none", "null", "inf", "nodp", "nonprivate", "non-private", ""):
         return None
     try:
@@ -91,7 +110,7 @@ class Cell:
 
     id: str
     method: str
-    epsilon: Optional[float]
+    epsilon: Epsilon   # None: non-private; CLIP: clipped, no noise; else the target eps
     seed: int
     axes: tuple[tuple[str, Any], ...]       # (name, value) of every extra axis, in id order
     overrides: tuple[tuple[str, Any], ...]  # complete flat RunConfig overrides of this cell
@@ -99,6 +118,7 @@ class Cell:
 
     @property
     def private(self) -> bool:
+        """Whether the cell runs a DP mechanism (clipped-no-noise cells do: per-example clipping)."""
         return self.epsilon is not None
 
     def overrides_dict(self) -> dict[str, Any]:
@@ -138,6 +158,7 @@ class GridSpec:
     private_mode: str = "dp"
     private_base: dict[str, Any] = field(default_factory=dict)     # overrides for the eps cells only
     nonprivate_base: dict[str, Any] = field(default_factory=dict)  # overrides for the non-private cells only
+    tuned: dict[str, dict[str, Any]] = field(default_factory=dict)  # "method[:private|:<level>]" -> overrides
     dataset_options: dict[str, Any] = field(default_factory=dict)
     reference: list[dict[str, Any]] = field(default_factory=list)
     reference_source: str = ""
@@ -232,7 +253,8 @@ class GridSpec:
                                       f"(use methods / epsilons / seeds / private_mode)")
                 if k not in index:
                     raise ConfigError(f"bench grid {self.name}: unknown config field {k!r} in axes/base")
-        for k in list(self.base) + list(self.private_base) + list(self.nonprivate_base):
+        for k in list(self.base) + list(self.private_base) + list(self.nonprivate_base) + \
+                [f for ov in self.tuned.values() for f in ov]:
             if k in CELL_KEYS:
                 raise ConfigError(f"bench grid {self.name}: {k!r} is set per cell by the grid "
                                   f"(use methods / epsilons / seeds / private_mode)")
@@ -243,6 +265,16 @@ class GridSpec:
         if not self.seeds:
             raise ConfigError(f"bench grid {self.name}: no seeds")
         return self
+
+    def tuned_for(self, method: str, eps: Any) -> dict[str, Any]:
+        """The ``tuned`` overrides of a method at an eps axis value (see the module doc)."""
+        from .labels import level_of
+
+        out: dict[str, Any] = dict(self.tuned.get(method, {}))
+        if eps is not None:
+            out.update(self.tuned.get(f"{method}:private", {}))
+        out.update(self.tuned.get(f"{method}:{level_of(eps)}", {}))
+        return out
 
     def _main(self) -> dict[str, Any]:
         return {"methods": self.methods, "epsilons": self.epsilons, "seeds": self.seeds, "axes": self.axes,
@@ -279,14 +311,20 @@ class GridSpec:
                     for eps in part["epsilons"]:
                         if eps is not None and not trainable:
                             continue
+                        if eps == CLIP and mode == "reference":
+                            continue  # the reference mode has no "no noise" variant: its cells are dp ones
                         by_privacy = self.nonprivate_base if eps is None else self.private_base
+                        tuned = self.tuned_for(method, eps)
                         for seed in part["seeds"]:
-                            ov = {**self.base, **by_privacy, **part.get("base", {}), **avals, "method": method,
-                                  "seed": seed}
+                            ov = {**self.base, **by_privacy, **tuned, **part.get("base", {}), **avals,
+                                  "method": method, "seed": seed}
                             if eps is None:
                                 ov.update({"privacy": "none", "epsilon": None})
+                            elif eps == CLIP:
+                                ov.update(CLIP_OVERRIDES)
                             else:
                                 ov.update({"privacy": mode, "epsilon": eps})
+                            _fit_privacy(ov, method)
                             cfg = RunConfig().update(ov)
                             id_axes = tuple((k, _config_value(cfg, k, index)) for k in names)
                             parts = [axis_tag(k, v) for k, v in id_axes] + [method, eps_tag(eps, mode), f"s{seed}"]
@@ -303,6 +341,16 @@ class GridSpec:
         if not out:
             raise ConfigError(f"bench grid {self.name}: the selection leaves no cell to run")
         return list(out.values())
+
+
+def _fit_privacy(ov: dict[str, Any], method: str) -> None:
+    """Drop the noise multipliers a cell's method has no release for (a grid sets them for every
+    method at once; a run config with a multiplier that cannot act is an error)."""
+    m = get_method(method)
+    if not m.uses_local or ov.get("privacy") != "dp":
+        ov.pop("noise_multiplier_local", None)
+    if not m.uses_global or ov.get("privacy") != "dp":
+        ov.pop("noise_multiplier_global", None)
 
 
 def _config_value(cfg: RunConfig, name: str, index: dict[str, Any]) -> Any:

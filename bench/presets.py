@@ -2,8 +2,16 @@
 
 ``default``
     The synthetic colour-shape task (:mod:`dpfpl.data.synthetic`) on the shipped tiny CLIP
-    (``pretrained="builtin"``): every method, non-private and three eps levels, two seeds, sized
-    so that the whole grid runs in at most 5 minutes on 2 CPU cores (see ``DEFAULT_NOTES``).
+    (``pretrained="builtin"``): zero-shot and the paper's four methods (PromptFL, FedOTP, FedPGP,
+    DP-FPL), raw non-private, clipped-no-noise and three eps levels, three seeds, sized so that
+    the whole grid runs in at most 5 minutes on 2 CPU cores (see ``DEFAULT_NOTES``).
+``full``
+    The default task with every method (Local only, FedPrompt and DP-FPL without residual too) and
+    DP-FPL in reference mode: what the default grid leaves out to fit its time budget.
+``lr-sweep``
+    The learning rate per method x privacy level, chosen on a validation split carved from each
+    client's training images (``val_fraction``), on seeds the reported grids do not use; writes
+    ``table_lr_choice`` and ``tuned_lr.json`` (a grid's ``tuned`` mapping).
 ``paper``
     The DP-FPL paper's setting (Tran et al., ICLR 2025, Tables 2-3): ViT-B/16, Caltech101 /
     OxfordPets / OxfordFlowers / Food101 with the pathological split, 10 clients, 100 rounds,
@@ -40,7 +48,7 @@ from typing import Any, Optional
 from dpfpl.config import RunConfig, load_mapping
 from dpfpl.errors import ConfigError
 
-from .grid import GridSpec
+from .grid import CLIP, GridSpec
 
 PAPER_SOURCE = ("Tran et al., ICLR 2025 (arXiv 2501.13904), Table 2 (local accuracy, rank 8) and Table 3 "
                 "(neighbour accuracy), as transcribed in the project's paper digest; blank = not transcribed")
@@ -93,29 +101,37 @@ DEFAULT_BASE: dict[str, Any] = {
 DEFAULT_LR_PRIVATE = 0.1
 DEFAULT_LR_NONPRIVATE = 0.002
 DEFAULT_EPSILONS = [None, 4.0, 1.0, 0.25]
-DEFAULT_SEEDS = [0, 1]
+#: Privacy levels of the default grid: raw non-private, clipped with no noise, then the eps levels.
+DEFAULT_LEVELS = [None, CLIP, 4.0, 1.0, 0.25]
+DEFAULT_SEEDS = [0, 1, 2]
+#: The default grid's methods: zero-shot and the paper's Table 2 methods (see DEFAULT_NOTES).
+DEFAULT_METHODS = ["zeroshot", "promptfl", "fedotp", "fedpgp", "dpfpl"]
 # the synthetic task's size (config fields, so every run directory rebuilds its data from config.json)
 DEFAULT_BASE.update({"train_per_class": 200, "test_per_class": 100})
 DEFAULT_NOTES = [
-    "Sized for <= 5 min on 2 CPU cores (two worker processes, one torch thread each): private cells "
-    "dominate, because DP needs per-example gradients (about B backward passes per step), so every "
-    "cell trains 4 clients x 8 rounds x 8 local steps at batch 8 with 4 context vectors (rank 2 for the "
-    "low-rank methods, half of n_ctx as in the paper's rank 8 of 16).",
-    "The synthetic task has 200 training images per class (3200, i.e. 800 per client under the "
-    "pathological split of 16 classes over 4 clients): the Poisson sampling rate 8/800 = 0.01 gives DP "
-    "a workable privacy/utility trade-off, and more images cost only their one-off feature encoding. "
-    "100 test images per class keep the standard error of an accuracy near 1 point.",
-    "eps levels 4 / 1 / 0.25 (delta 1e-5), log-spaced: from 'DP costs little' to 'DP costs most of the "
-    "gain over zero-shot' on this problem. Noise is calibrated by the accountant for each cell.",
-    "Learning rate 0.1 in the private cells (every example's gradient clipped at C = 1) and 0.002 in the "
-    "non-private ones, whose raw gradients are not clipped. No other lr beats 0.002 by more than the "
-    "seed spread for any method (and 0.03 / 0.1 cost PromptFL 7.6 and 16 points): "
-    "`dpfpl bench --methods local promptfl fedprompt fedotp fedpgp dpfpl-nores dpfpl --epsilons none "
-    "--axis lr=0.002,0.01,0.03,0.1 --no-audit --out /tmp/lrsweep`; clipped steps at lr 0.1 train at least as well as raw ones "
-    "here, which is why the non-private row is not a clean ceiling.",
-    "DP-FPL also runs in reference mode (the public code's calibration: batch-mean clipping, "
-    "sigma = sqrt(R log(1/delta)) / eps; the eps is a claim) at the same three eps: the privacy table "
-    "sets its claimed eps beside what the accountant makes of the same noise, and the audit beside both.",
+    "Sized for <= 5 min on 2 CPU cores (two worker processes, one torch thread each): zero-shot and the "
+    "paper's four methods (PromptFL, FedOTP, FedPGP, DP-FPL) x {raw non-private, clipped no noise, eps 4, 1, "
+    "0.25} x 3 seeds = 63 cells. Left out to stay there: Local only, FedPrompt, DP-FPL without residual and "
+    "DP-FPL in reference mode (the audits preset runs the reference mode); `dpfpl bench --preset full` runs "
+    "all of them (117 cells, about twice the time). Every cell trains 4 clients x 8 rounds x 8 local steps at "
+    "batch 8 with 4 context vectors (rank 2 for the low-rank methods, half of n_ctx as in the paper's rank 8 "
+    "of 16); private cells dominate, because DP needs per-example gradients (about B backward passes per step) "
+    "and a noise calibration.",
+    "The synthetic task has 200 training images per class (3200, i.e. 800 per client under the pathological "
+    "split of 16 classes over 4 clients): the Poisson sampling rate 8/800 = 0.01 gives DP a workable "
+    "privacy/utility trade-off, and more images cost only their one-off feature encoding. 100 test images per "
+    "class keep the standard error of an accuracy near 1 point.",
+    "eps levels 4 / 1 / 0.25 (delta 1e-5), log-spaced: from 'DP costs little' to 'DP costs most of the gain "
+    "over zero-shot' on this problem. Noise is calibrated by the accountant for each cell.",
+    "'clipped, no noise': privacy mode dp with both noise multipliers 0 (eps = inf): the private cells' "
+    "per-example clipping, Poisson sampling and learning rate without noise, so each table separates the cost "
+    "of clipping (none vs clipped) from the cost of noise (clipped vs eps).",
+    "Learning rate 0.1 in the clipped and private cells (every example's gradient clipped at C = 1) and 0.002 "
+    "in the raw non-private ones. `dpfpl bench --preset lr-sweep` chooses the lr per method x privacy level on "
+    "validation accuracy (data.val_fraction, seeds 10 and 11) and writes tuned_lr.json, which goes into this "
+    "preset's `tuned` mapping once run.",
+    "3 seeds: intervals are 95% t-intervals (t_{0.975,2} = 4.30), and 'best' is bold only where the paired "
+    "t-test over seeds says so; the paper preset runs 5.",
     "Zero-shot uses no training data, so its accuracy holds at every eps; it is shown in every row.",
     "Membership audits (when the audits package is present) run on the seed-0 cells only, with the "
     "audits' default settings on the run directory (members: the examples client 0 trained on; "
@@ -126,13 +142,55 @@ DEFAULT_NOTES = [
 def _default() -> GridSpec:
     return GridSpec(
         name="default",
-        description="synthetic colour-shape task on the shipped tiny CLIP: every method, non-private "
-                    "and eps 4 / 1 / 0.25, two seeds; <= 5 min on 2 CPU cores",
-        base=dict(DEFAULT_BASE), methods=list(ALL_METHODS), epsilons=list(DEFAULT_EPSILONS),
+        description="synthetic colour-shape task on the shipped tiny CLIP: zero-shot and the paper's four "
+                    "methods, non-private, clipped-no-noise and eps 4 / 1 / 0.25, three seeds; <= 5 min on 2 CPU cores",
+        base=dict(DEFAULT_BASE), methods=list(DEFAULT_METHODS), epsilons=list(DEFAULT_LEVELS),
         seeds=list(DEFAULT_SEEDS), notes=list(DEFAULT_NOTES),
         private_base={"lr": DEFAULT_LR_PRIVATE}, nonprivate_base={"lr": DEFAULT_LR_NONPRIVATE}, audit_seeds=[0],
-        blocks=[{"name": "reference mode", "methods": ["dpfpl"], "epsilons": [e for e in DEFAULT_EPSILONS if e],
-                 "private_mode": "reference"}],
+    )
+
+
+def _full() -> GridSpec:
+    g = _default()
+    g.name = "full"
+    g.description = ("the default task with every method and DP-FPL in reference mode: what the default grid "
+                     "leaves out to fit in 5 minutes")
+    g.methods = list(ALL_METHODS)
+    g.blocks = [{"name": "reference mode", "methods": ["dpfpl"], "epsilons": [e for e in DEFAULT_EPSILONS if e],
+                 "private_mode": "reference"}]
+    g.notes = ["The default preset's settings (see its notes) for all methods, plus DP-FPL in reference mode (the "
+               "public code's calibration: batch-mean clipping, sigma = sqrt(R log(1/delta)) / eps; the eps is a "
+               "claim) at the three eps: the privacy table sets its claimed eps beside what the accountant makes "
+               "of the same noise."] + DEFAULT_NOTES[1:]
+    return g
+
+
+SWEEP_LRS = [0.002, 0.01, 0.03, 0.1, 0.3]
+SWEEP_SEEDS = [10, 11]
+SWEEP_NOTES = [
+    "Chooses the learning rate of each method x privacy level (raw non-private, clipped no noise, eps 4 / 1 / "
+    "0.25) by the highest mean validation accuracy over seeds 10 and 11 (not the reported grids' seeds): 20% of "
+    "each client's training images of each class are held out (data.val_fraction = 0.2) and never trained on; "
+    "the test split is never used to choose (its accuracy is shown for information).",
+    "What tuning costs in privacy: the validation images belong to the clients, so on real private data every "
+    "trial is a release. Picking the best of k private trials is not covered by one trial's eps: the standard "
+    "accounting composes them (k x eps), and random-search bounds (Liu & Talwar 2019; Papernot & Steinke 2022) "
+    "give about 3 eps plus a term in k for a randomised number of trials. The committed sweep runs on the "
+    "synthetic task, a stand-in for public data with the private task's shape, so the reported eps does not "
+    "include it; on private data, count the sweep in the budget or tune on public data.",
+    "`dpfpl bench --preset lr-sweep --methods M ... --axis lr=...` narrows it; tuned_lr.json is the chosen "
+    "mapping, ready for a preset's `tuned` field.",
+]
+
+
+def _lr_sweep() -> GridSpec:
+    g = _default()
+    return GridSpec(
+        name="lr-sweep",
+        description="lr per method x privacy level, chosen on a validation split of the clients' training data",
+        base={**g.base, "val_fraction": 0.2}, methods=[m for m in DEFAULT_METHODS if m != "zeroshot"],
+        epsilons=list(DEFAULT_LEVELS), private_base=dict(g.private_base), nonprivate_base=dict(g.nonprivate_base),
+        seeds=list(SWEEP_SEEDS), axes={"lr": list(SWEEP_LRS)}, notes=list(SWEEP_NOTES), audit=False,
     )
 
 
@@ -144,7 +202,7 @@ def _paper() -> GridSpec:
         base={"model": "ViT-B-16", "pretrained": "openai", "num_clients": 10, "partition": "pathological",
               "rounds": 100, "batch_size": 32, "n_ctx": 16, "rank": 8, "delta": 1e-5, "eval_every": 10},
         methods=list(PAPER_METHODS),
-        epsilons=[None, 0.4, 0.2, 0.1, 0.05, 0.01],
+        epsilons=[None, CLIP, 0.4, 0.2, 0.1, 0.05, 0.01],
         seeds=[0, 1, 2, 3, 4],
         axes={"dataset": ["caltech101", "oxford_pets", "oxford_flowers", "food101"], "rank": [8]},
         blocks=[{"name": "rank ablation", "methods": ["dpfpl", "dpfpl-nores"], "axes": {"rank": [1, 2, 4, 8]}}],
@@ -205,7 +263,8 @@ def _audits() -> GridSpec:
     )
 
 
-PRESETS = {"default": _default, "audits": _audits, "paper": _paper, "cifar100": _cifar100}
+PRESETS = {"default": _default, "full": _full, "lr-sweep": _lr_sweep, "audits": _audits, "paper": _paper,
+           "cifar100": _cifar100}
 
 
 def preset_names() -> list[str]:

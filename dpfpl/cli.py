@@ -120,6 +120,14 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from bench.compare import write_comparison  # issue 11: result folders side by side
+
+    files = write_comparison(args.dirs, args.out, command="dpfpl report " + " ".join(sys.argv[2:]))
+    print(files["README.md"])
+    return 0
+
+
 def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
     """The full parser; with ``argv``, only the subcommand it names is built in full (the others
     get a stub with their help line), so that a command imports only what it needs."""
@@ -138,6 +146,12 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
                         "client (needs pip install 'dpfpl[flower]'; see dpfpl/flower/README.md)")
     add_config_options(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("report", help="compare result folders (or preset:paper's published numbers): tables "
+                       "with deltas and intervals, overlaid plots (Markdown, LaTeX, PNG)")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="result folders holding runs.csv, or preset:NAME")
+    p.add_argument("--out", required=True, metavar="OUT", help="folder to write the comparison into")
+    p.set_defaults(func=cmd_report)
 
     sub.add_parser("methods", help="list the methods").set_defaults(func=cmd_methods)
     sub.add_parser("datasets", help="list the dataset formats").set_defaults(func=cmd_datasets)

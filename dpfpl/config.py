@@ -46,6 +46,8 @@ class DataConfig:
     shots: Optional[int] = opt(None, "few-shot: keep k training examples per class (None: all)")
     train_per_class: Optional[int] = opt(None, "synthetic dataset only: training images per class (None: 40)")
     test_per_class: Optional[int] = opt(None, "synthetic dataset only: test images per class (None: 25)")
+    val_fraction: float = opt(0.0, "share of each client's training images held out as its validation split "
+                              "(for tuning; never the test split; 0: off)")
 
 
 @dataclass
@@ -180,6 +182,8 @@ class RunConfig:
             raise ConfigError(f"train.momentum must be in [0, 1), got {t.momentum!r}")
         if t.weight_decay < 0:
             raise ConfigError(f"train.weight_decay must be >= 0, got {t.weight_decay!r}")
+        if not 0 <= d.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction!r}")
         if d.dirichlet_beta <= 0:
             raise ConfigError(f"data.dirichlet_beta must be positive, got {d.dirichlet_beta!r}")
         if p.epsilon is not None and not (p.epsilon > 0 and math.isfinite(p.epsilon)):

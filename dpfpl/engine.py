@@ -86,7 +86,7 @@ class Engine(EngineRecord):
         self.dataset = dataset if dataset is not None else load_run_dataset(cfg)
         if clients_data is None:
             clients_data = partition(self.dataset, d.num_clients, d.partition, seed=t.seed,
-                                     beta=d.dirichlet_beta, shots=d.shots)
+                                     beta=d.dirichlet_beta, shots=d.shots, val_fraction=d.val_fraction)
         elif len(clients_data) != d.num_clients:
             raise ConfigError(f"data.num_clients={d.num_clients} but {len(clients_data)} client partitions were given")
         self.clients_data = clients_data
@@ -164,20 +164,27 @@ class Engine(EngineRecord):
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate_features(self, text_features_for: Callable[[Client], torch.Tensor]) -> dict[str, Any]:
-        local, neigh = [], []
+        """Local / neighbour test accuracy per client and their means; with a validation split
+        (data.val_fraction > 0) also ``val_local_acc``: the same on each client's held-out
+        training images."""
+        local, neigh, val = [], [], []
         for c in self.clients:
             txt = text_features_for(c)  # (C, E)
             local.append(self._acc(txt, c.data.local_test_idx))
             neigh.append(self._acc(txt, c.data.neighbor_test_idx))
+            val.append(self._acc(txt, c.data.val_idx, split="train"))
         neigh_valid = [a for a in neigh if a is not None]
-        return {"local_acc": float(np.mean(local)), "neighbor_acc": float(np.mean(neigh_valid)) if neigh_valid else None,
-                "local_acc_per_client": local, "neighbor_acc_per_client": neigh}
+        out = {"local_acc": float(np.mean(local)), "neighbor_acc": float(np.mean(neigh_valid)) if neigh_valid else None,
+               "local_acc_per_client": local, "neighbor_acc_per_client": neigh}
+        if any(a is not None for a in val):
+            out.update(val_local_acc=float(np.mean([a for a in val if a is not None])), val_local_acc_per_client=val)
+        return out
 
     @torch.no_grad()
-    def _acc(self, txt: torch.Tensor, idx) -> Optional[float]:
+    def _acc(self, txt: torch.Tensor, idx, split: str = "test") -> Optional[float]:
         if len(idx) == 0:
             return None
-        feats, labels = self.store.get("test", torch.as_tensor(idx, dtype=torch.long))
+        feats, labels = self.store.get(split, torch.as_tensor(idx, dtype=torch.long))
         pred = (feats @ txt.T).argmax(-1)
         return float((pred == labels).float().mean())
 

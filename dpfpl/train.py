@@ -26,6 +26,7 @@ def summarize(engine: Engine, wall_s: float, pld: bool = True) -> dict[str, Any]
         "local_acc": final.get("local_acc"), "neighbor_acc": final.get("neighbor_acc"),
         "local_acc_per_client": final.get("local_acc_per_client"),
         "neighbor_acc_per_client": final.get("neighbor_acc_per_client"),
+        **({"val_local_acc": final["val_local_acc"]} if "val_local_acc" in final else {}),
         "zeroshot_local_acc": engine.zeroshot["local_acc"], "zeroshot_neighbor_acc": engine.zeroshot["neighbor_acc"],
         "client_steps": steps, "wall_s": wall_s, "train_s": sum(r.get("train_s", 0.0) for r in engine.history),
         "stopped_reason": engine.stopped_reason, "model": cfg.model.model, "pretrained": cfg.model.pretrained,

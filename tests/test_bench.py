@@ -12,7 +12,6 @@ import pytest
 from bench.grid import GridSpec, axis_tag, eps_tag, parse_axis, parse_epsilon
 from bench.harness import Harness, cell_status, normalize_audit
 from bench.presets import ALL_METHODS, PAPER_REFERENCE, get_preset, load_grid_file, preset_names
-from bench.report import accuracy_table, group
 from bench.timing import PeakMemory, Stopwatch, time_callable
 from dpfpl.errors import ConfigError
 
@@ -35,32 +34,52 @@ def harness(grid, out, clip, dataset, **kw) -> Harness:
 # ------------------------------------------------------------------------------------ grid
 
 def test_default_grid_expansion():
+    from bench.presets import DEFAULT_METHODS
+
     g = get_preset("default")
     cells = g.cells()
     trainable = [m for m in g.methods if m != "zeroshot"]
-    assert set(g.methods) == set(ALL_METHODS)
-    assert len(g.epsilons) == 4 and g.epsilons[0] is None and len(g.seeds) >= 2
-    n_private = len(g.epsilons) - 1
-    # + zero-shot once per seed + DP-FPL in reference mode at every eps level
-    assert len(cells) == len(trainable) * len(g.epsilons) * len(g.seeds) + len(g.seeds) + n_private * len(g.seeds)
+    assert g.methods == DEFAULT_METHODS and set(trainable) == {"promptfl", "fedotp", "fedpgp", "dpfpl"}
+    assert g.epsilons == [None, "clip", 4.0, 1.0, 0.25] and len(g.seeds) >= 3 and not g.blocks
+    # + zero-shot once per seed
+    assert len(cells) == len(trainable) * len(g.epsilons) * len(g.seeds) + len(g.seeds)
     ids = [c.id for c in cells]
     assert len(set(ids)) == len(ids)
-    e = g.epsilons[1]
-    assert f"dpfpl_eps{e:g}_s0" in ids and "dpfpl_nodp_s1" in ids
-    assert [c.id for c in cells if c.method == "zeroshot"] == ["zeroshot_nodp_s0", "zeroshot_nodp_s1"]
-    c = next(c for c in cells if c.id == f"dpfpl_eps{e:g}_s1")
-    cfg = c.config()
-    assert (cfg.privacy.privacy, cfg.privacy.epsilon, cfg.train.seed, cfg.train.method) == ("dp", e, 1, "dpfpl")
+    assert "dpfpl_eps4_s0" in ids and "dpfpl_nodp_s1" in ids and "fedpgp_clip_s2" in ids
+    assert [c.id for c in cells if c.method == "zeroshot"] == ["zeroshot_nodp_s0", "zeroshot_nodp_s1", "zeroshot_nodp_s2"]
+    cfg = next(c for c in cells if c.id == "dpfpl_eps4_s1").config()
+    assert (cfg.privacy.privacy, cfg.privacy.epsilon, cfg.train.seed, cfg.train.method) == ("dp", 4.0, 1, "dpfpl")
     nodp = next(c for c in cells if c.id == "dpfpl_nodp_s0").config()
     assert nodp.privacy.privacy == "none"
+    # clipped, no noise: dp mode, both noise multipliers 0, no target eps, the private cells' lr and clipping
+    clip = next(c for c in cells if c.id == "dpfpl_clip_s0").config()
+    assert (clip.privacy.privacy, clip.privacy.epsilon, clip.privacy.noise_multiplier_local,
+            clip.privacy.noise_multiplier_global) == ("dp", None, 0.0, 0.0)
+    assert (clip.train.lr, clip.privacy.clip_norm, clip.privacy.sampling) == \
+        (cfg.train.lr, cfg.privacy.clip_norm, cfg.privacy.sampling)
     # per-privacy overrides: the learning rate of clipped (private) vs raw (non-private) gradients
     assert cfg.train.lr == g.private_base["lr"] and nodp.train.lr == g.nonprivate_base["lr"]
     assert {c.config().train.lr for c in g.select(axes={"lr": [0.3]}).cells()} == {0.3}
-    ref = next(c for c in cells if c.id == f"dpfpl_ref{e:g}_s1").config()
-    assert (ref.privacy.privacy, ref.privacy.epsilon, ref.train.lr) == ("reference", e, g.private_base["lr"])
-    assert not [c for c in cells if c.id.startswith("dpfpl_ref") and c.epsilon is None]
+    # tuned per-method settings: method, method:private, method:<level>, in that order
+    g.tuned = {"dpfpl": {"lr": 0.5}, "dpfpl:private": {"lr": 0.2}, "dpfpl:clip": {"lr": 0.05}}
+    lrs = {c.id: c.config().train.lr for c in g.cells() if c.seed == 0}
+    assert (lrs["dpfpl_nodp_s0"], lrs["dpfpl_eps4_s0"], lrs["dpfpl_clip_s0"], lrs["fedpgp_eps4_s0"]) == \
+        (0.5, 0.2, 0.05, g.private_base["lr"])
+    full = get_preset("full")
+    assert set(full.methods) == set(ALL_METHODS) and full.seeds == g.seeds
+    ref = next(c for c in full.cells() if c.id == "dpfpl_ref4_s1").config()
+    assert (ref.privacy.privacy, ref.privacy.epsilon, ref.train.lr) == ("reference", 4.0, g.private_base["lr"])
+    assert not [c for c in full.cells() if c.id.startswith("dpfpl_ref") and c.epsilon in (None, "clip")]
     with pytest.raises(ConfigError, match="private_mode"):
         tiny_grid(blocks=[{"methods": ["dpfpl"], "private_mode": "public"}]).cells()
+
+
+def test_lr_sweep_preset():
+    g = get_preset("lr-sweep")
+    cells = g.cells()
+    assert g.axes["lr"] == [0.002, 0.01, 0.03, 0.1, 0.3] and not set(g.seeds) & set(get_preset("default").seeds)
+    assert {c.config().data.val_fraction for c in cells} == {0.2}
+    assert len(cells) == 4 * 5 * 5 * len(g.seeds)
 
 
 def test_audits_preset():
@@ -82,7 +101,7 @@ def test_paper_grid_blocks_and_selection():
     assert len(ids) == len(cells)
     # main grid: 4 datasets x 4 methods x 6 eps x 5 seeds; ablation adds ranks 1, 2, 4 for dpfpl and
     # ranks 1, 2, 4, 8 for dpfpl-nores (dpfpl at rank 8 is shared with the main grid)
-    assert len(cells) == 4 * 4 * 6 * 5 + 4 * 3 * 6 * 5 + 4 * 4 * 6 * 5
+    assert len(cells) == 4 * 4 * 7 * 5 + 4 * 3 * 7 * 5 + 4 * 4 * 7 * 5  # 7 levels: none, clip, 5 eps
     assert "caltech101_r8_dpfpl_eps0.1_s0" in ids and "food101_r1_dpfpl-nores_nodp_s4" in ids
     c = next(c for c in cells if c.id == "oxford-pets_r2_dpfpl_eps0.05_s3")
     cfg = c.config()
@@ -97,7 +116,7 @@ def test_paper_grid_blocks_and_selection():
 
 
 def test_cifar_and_presets_listed():
-    assert preset_names() == ["default", "audits", "paper", "cifar100"]
+    assert preset_names() == ["default", "full", "lr-sweep", "audits", "paper", "cifar100"]
     g = get_preset("cifar100")
     cfg = g.cells()[0].config()
     assert (cfg.data.dataset, cfg.data.partition, cfg.data.dirichlet_beta) == ("cifar100", "dirichlet", 0.3)
@@ -129,9 +148,7 @@ def test_grid_file(tmp_path):
     g = load_grid_file(f)
     assert g.name == "g" and g.base["rounds"] == 2 and g.base["dataset"] == "synthetic"
     ids = {c.id for c in g.cells()}
-    # the preset's reference-mode block is narrowed to the file's eps list
-    assert ids == {f"r{r}_{m}_{e}_s3" for r in (1, 2) for m in ("dpfpl", "promptfl") for e in ("nodp", "eps1")} | \
-        {f"r{r}_dpfpl_ref1_s3" for r in (1, 2)}
+    assert ids == {f"r{r}_{m}_{e}_s3" for r in (1, 2) for m in ("dpfpl", "promptfl") for e in ("nodp", "eps1")}
     f.write_text("[bench]\nbogus = 1\n")
     with pytest.raises(ConfigError, match="bogus"):
         load_grid_file(f)
@@ -144,7 +161,8 @@ def test_tiny_grid_runs_resumes_and_reports(tmp_path, tiny_clip, tiny_dataset):
     grid = tiny_grid()
     r = harness(grid, out, tiny_clip, tiny_dataset, keep_checkpoints=True).run()
     assert sorted(r.ran) == sorted(c.id for c in grid.cells()) and not r.skipped
-    for name in ("runs.csv", "table_local.md", "table_neighbor.md", "table_privacy.md", "table_cost.md",
+    for name in ("runs.csv", "table_local.md", "table_local.tex", "table_local.csv", "table_neighbor.md",
+                 "table_privacy.md", "table_privacy.tex", "table_cost.md", "table_cost.csv", "table_local_vs_dpfpl.md",
                  "acc_vs_eps.png", "README.md", "grid.json"):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader((out / "runs.csv").open()))
@@ -158,7 +176,7 @@ def test_tiny_grid_runs_resumes_and_reports(tmp_path, tiny_clip, tiny_dataset):
     bench_rec = json.loads((out / "runs/dpfpl_nodp_s0/bench.json").read_text())
     assert bench_rec["steps_per_s"] > 0 and bench_rec["resumed"] is False
     table = (out / "table_local.md").read_text()
-    assert "| dataset | eps | Zero-shot | Local only | DP-FPL |" in table
+    assert "| dataset | eps | Zero-shot | Local only | DP-FPL | DP-FPL vs baselines (p<0.05) |" in table
     assert "| synthetic | none |" in table and "±" in table
     readme = (out / "README.md").read_text()
     assert "dpfpl bench --test" in readme and "![accuracy vs eps](acc_vs_eps.png)" in readme
@@ -212,7 +230,7 @@ def test_private_cell_and_privacy_outputs(tmp_path, tiny_clip, tiny_dataset):
     assert float(priv["epsilon"]) == 50.0 and float(priv["epsilon_rdp"]) > 0 and float(priv["epsilon_pld"]) > 0
     assert (out / "eps_accounting.png").is_file()
     assert "| synthetic | DP-FPL | 50 |" in (out / "table_privacy.md").read_text()
-    assert "![eps: claimed / target vs accounted vs empirical](eps_accounting.png)" in (out / "README.md").read_text()
+    assert "![eps: target / claimed vs accounted (RDP, PLD) vs empirical](eps_accounting.png)" in (out / "README.md").read_text()
 
 
 def test_audit_hook_called_and_normalised(tmp_path, tiny_clip, tiny_dataset, monkeypatch):
@@ -236,43 +254,6 @@ def test_audit_hook_called_and_normalised(tmp_path, tiny_clip, tiny_dataset, mon
     audit_rows = [x for x in (out / "table_audit.md").read_text().splitlines() if x.startswith("| synthetic")]
     assert len(audit_rows) == 2 and "| lira | 0.7 | 0.05 |" in audit_rows[1]
     assert "error" in normalize_audit({"attacks": {}})
-
-
-# ------------------------------------------------------------------------------------ report pieces
-
-def _row(method, eps, seed, local, dataset="d"):
-    return {"method": method, "epsilon": eps, "seed": seed, "dataset": dataset, "local_acc": local,
-            "neighbor_acc": local, "_axes": []}
-
-
-def test_tables_layout_zero_shot_and_reference():
-    rows = [_row("zeroshot", None, 0, 0.2), _row("dpfpl", None, 0, 0.8), _row("dpfpl", None, 1, 0.9),
-            _row("dpfpl", 1.0, 0, 0.5), _row("promptfl", 1.0, 0, 0.4), _row("promptfl", None, 0, 0.7)]
-    g = group(rows, "local_acc")
-    assert list(g) == [("d", None), ("d", 1.0)]
-    assert g[("d", 1.0)]["zeroshot"][0] == pytest.approx(0.2)  # zero-shot repeated on every eps row
-    assert g[("d", None)]["dpfpl"][0] == pytest.approx(0.85)
-    grid = tiny_grid(seeds=[0, 1], reference=[{"table": "local", "match": {"dataset": "d", "epsilon": 1.0},
-                                               "values": {"dpfpl": 55.5}}], reference_source="paper X")
-    t = accuracy_table(rows, "local_acc", grid, "Local")
-    lines = t.splitlines()
-    header = next(x for x in lines if x.startswith("| dataset"))
-    assert header == "| dataset | eps | Zero-shot | PromptFL | DP-FPL | DP-FPL (paper) |"
-    row_none = next(x for x in lines if x.startswith("| d | none"))
-    assert "**85.0 ± 7.1**" in row_none and "70.0 ± 0.0 (n=1)" in row_none
-    row_1 = next(x for x in lines if x.startswith("| d | 1 "))
-    assert row_1.endswith("| 55.50 |") and "20.0 ± 0.0 (n=1)" in row_1
-
-
-def test_reference_mode_is_its_own_series():
-    """Reference-mode runs of a method are never averaged with its honest runs: own column, own label."""
-    rows = [_row("dpfpl", 1.0, 0, 0.5), _row("dpfpl", 1.0, 0, 0.9), _row("dpfpl", None, 0, 0.8)]
-    rows[1]["privacy"] = "reference"
-    g = group(rows, "local_acc")
-    assert g[("d", 1.0)]["dpfpl"][0] == pytest.approx(0.5) and g[("d", 1.0)]["dpfpl+ref"][0] == pytest.approx(0.9)
-    header = next(x for x in accuracy_table(rows, "local_acc", tiny_grid(seeds=[0]), "Local").splitlines()
-                  if x.startswith("| dataset"))
-    assert header == "| dataset | eps | DP-FPL | DP-FPL (ref. mode) |"
 
 
 # ------------------------------------------------------------------------------------ timing + CLI
@@ -317,7 +298,7 @@ def test_cli_options_reach_every_cell():
     args = build_parser().parse_args(["bench", "--lr", "0.3", "--rounds", "2", "--method", "dpfpl", "--seed", "4",
                                       "--epsilons", "none", "1"])
     cells = build_grid(args).cells()
-    assert sorted(c.id for c in cells) == ["dpfpl_eps1_s4", "dpfpl_nodp_s4", "dpfpl_ref1_s4"]  # + the preset's reference block
+    assert sorted(c.id for c in cells) == ["dpfpl_eps1_s4", "dpfpl_nodp_s4"]
     assert {(c.config().train.lr, c.config().train.rounds) for c in cells} == {(0.3, 2)}
 
 
@@ -354,3 +335,19 @@ def test_audit_killed_midway_is_completed_by_a_rerun(tmp_path, tiny_clip, tiny_d
     assert not (d / "checkpoint.pt").exists() and not (d / "cell.pending").exists()
     assert cell_status(grid.cells()[0], out / "runs") == "done"
     assert run().skipped == ["local_nodp_s0"] and len(calls) == 2
+
+
+def test_tiny_lr_sweep_chooses_on_validation(tmp_path, tiny_clip, tiny_dataset):
+    grid = tiny_grid(methods=["local"], seeds=[0, 1], axes={"lr": [0.01, 0.5]}, base={**TINY, "val_fraction": 0.3})
+    out = tmp_path / "sweep"
+    harness(grid, out, tiny_clip, tiny_dataset).run()
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    val = {lr: sum(float(r["val_local_acc"]) for r in rows if float(r["lr"]) == lr) / 2 for lr in (0.01, 0.5)}
+    test = {lr: sum(float(r["local_acc"]) for r in rows if float(r["lr"]) == lr) / 2 for lr in (0.01, 0.5)}
+    best = max(val, key=val.get)
+    assert json.loads((out / "tuned_lr.json").read_text()) == {"local:none": {"lr": best}}
+    choice = list(csv.DictReader((out / "table_lr_choice.csv").open()))
+    assert len(choice) == 1 and float(choice[0]["chosen_lr"]) == best
+    assert float(choice[0]["val_mean_pct"]) == pytest.approx(100 * val[best])
+    assert float(choice[0]["test_mean_pct_at_chosen"]) == pytest.approx(100 * test[best])
+    assert "## Learning rate chosen on validation data" in (out / "README.md").read_text()

@@ -11,13 +11,19 @@ same seed gives an identical partition. Schemes:
 * ``iid``: examples shuffled and split evenly; every client lists all classes, so
   ``neighbor_test_idx`` is empty.
 
+Validation (``val_fraction`` > 0, for hyperparameter tuning): from each client's examples of each
+of its classes, ``round(val_fraction * n)`` (at most n - 1) are moved from ``train_idx`` to
+``val_idx``, chosen by a generator seeded with (seed, client id); the test split is never touched,
+and the same arguments give the same split. ``val_fraction = 0`` (default) leaves ``val_idx`` empty
+and the partition unchanged.
+
 Test indices: ``local_test_idx`` are the test examples of the client's classes and
 ``neighbor_test_idx`` those of classes held by other clients but not by this one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,6 +41,7 @@ class ClientData:
     classes: np.ndarray            # sorted class ids this client holds
     local_test_idx: np.ndarray     # indices into dataset.test whose label is in `classes`
     neighbor_test_idx: np.ndarray  # indices into dataset.test of classes held by other clients only
+    val_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # held-out dataset.train indices
 
 
 def _check_seed(seed: int) -> int:
@@ -85,9 +92,30 @@ def _dirichlet(labels: np.ndarray, pool: np.ndarray, k: int, beta: float,
                       f"example in {MAX_DIRICHLET_DRAWS} draws; raise the beta or lower the number of clients")
 
 
+def split_validation(idx: np.ndarray, labels: np.ndarray, fraction: float, seed: int,
+                     client_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) sorted int64 indices: per class, ``round(fraction * n)`` (at most n - 1) of
+    ``idx`` go to val, picked by a generator seeded with (seed, 3, client_id)."""
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {fraction!r}")
+    idx = np.sort(np.asarray(idx, dtype=np.int64))
+    if fraction == 0 or len(idx) == 0:
+        return idx, np.zeros(0, np.int64)
+    rng = np.random.default_rng([seed, 3, int(client_id)])
+    val = []
+    for c in np.unique(labels[idx]):
+        members = idx[labels[idx] == c]
+        k = min(int(round(fraction * len(members))), len(members) - 1)
+        if k > 0:
+            val.append(rng.choice(members, size=k, replace=False))
+    v = np.sort(np.concatenate(val)).astype(np.int64) if val else np.zeros(0, np.int64)
+    return np.setdiff1d(idx, v).astype(np.int64), v
+
+
 def partition(dataset: Dataset, num_clients: int, scheme: str, seed: int, beta: float = 0.3,
-              shots: int | None = None) -> list[ClientData]:
-    """Split ``dataset.train`` (after optional few-shot selection) among ``num_clients`` clients."""
+              shots: int | None = None, val_fraction: float = 0.0) -> list[ClientData]:
+    """Split ``dataset.train`` (after optional few-shot selection) among ``num_clients`` clients,
+    holding ``val_fraction`` of each client's examples out as its validation split."""
     if scheme not in SCHEMES:
         raise ConfigError(f"data.partition={scheme!r} is unknown; valid: {', '.join(SCHEMES)}")
     if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
@@ -115,9 +143,11 @@ def partition(dataset: Dataset, num_clients: int, scheme: str, seed: int, beta: 
     for i, (p, cls) in enumerate(zip(parts, client_classes)):
         others = [c for j, c in enumerate(client_classes) if j != i]
         neigh = np.setdiff1d(np.unique(np.concatenate(others)) if others else np.zeros(0, np.int64), cls)
+        train_idx, val_idx = split_validation(p, labels, float(val_fraction), seed, i)
         out.append(ClientData(
             client_id=i,
-            train_idx=np.sort(p).astype(np.int64),
+            train_idx=train_idx,
+            val_idx=val_idx,
             classes=cls.astype(np.int64),
             local_test_idx=np.flatnonzero(np.isin(test_labels, cls)).astype(np.int64),
             neighbor_test_idx=np.flatnonzero(np.isin(test_labels, neigh)).astype(np.int64),
