@@ -346,6 +346,8 @@ class GridSpec:
 def _fit_privacy(ov: dict[str, Any], method: str) -> None:
     """Drop the noise multipliers a cell's method has no release for (a grid sets them for every
     method at once; a run config with a multiplier that cannot act is an error)."""
+    from dpfpl.methods import get_method
+
     m = get_method(method)
     if not m.uses_local or ov.get("privacy") != "dp":
         ov.pop("noise_multiplier_local", None)
