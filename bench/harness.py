@@ -183,7 +183,7 @@ class _RoundEvents:
 
     def on_round_end(self, engine, row: dict[str, Any]) -> None:
         self.emit(("round", self.cell_id, int(row.get("round", 0)), int(engine.total_rounds),
-                   row.get("local_acc"), row.get("epsilon_spent")))
+                   row.get("local_acc"), row.get("epsilon_spent_rdp")))
 
 
 def _median_step_ms(history: list[dict[str, Any]], local_steps: int) -> Optional[float]:
@@ -429,7 +429,7 @@ class GridProgress:
         elif kind == "done":
             _, _, local, neigh, eps, secs = event
             self.finish(cid)
-            extra = f" eps(RDP) {eps:.3g}" if eps is not None else ""
+            extra = f" eps {eps:.3g}" if eps is not None else ""
             self.log(f"{self.n_done}/{self.total} {cid}: local {_fmt_pct(local)} neighbour {_fmt_pct(neigh)}{extra} "
                      f"({secs:.1f} s; ETA {_fmt_eta(self.eta_s())})")
         elif kind == "failed":
