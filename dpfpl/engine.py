@@ -93,7 +93,7 @@ class Engine(EngineRecord):
         self.scale = logit_scale(self.clip)
         status("encoding images")
         self.store = FeatureStore(self.clip, {"train": self.dataset.train, "test": self.dataset.test},
-                                  cache=t.cache_features)
+                                  cache=t.cache_features, cache_dir=t.feature_cache_dir)
         n_mean = float(np.mean([len(c.train_idx) for c in self.clients_data]))
         self.local_steps = t.local_steps or max(1, math.ceil(n_mean / t.batch_size))
         sampling = cfg.batch_sampling
