@@ -40,7 +40,8 @@ from .text import PromptTextEncoder
 STRATEGIES = ("auto", "vjp", "jacobian")
 # Process-wide defaults for callers that pass no keyword (an engine may set them once from
 # ``train.per_example_grads``; see :func:`set_per_example_defaults`).
-DEFAULTS: dict = {"strategy": "auto", "chunk_size": None, "memory_budget": 256 * 2**20}
+# memory_budget None: 256 MiB on CPU, a quarter of the free memory on CUDA.
+DEFAULTS: dict = {"strategy": "auto", "chunk_size": None, "memory_budget": None}
 # Bytes of live intermediate state per vmapped unit = this factor * C * L * D * element size
 # (an upper estimate for one reverse pass of a pre-LN transformer block, attention included).
 _UNIT_FACTOR = 24
@@ -76,9 +77,13 @@ def batch_ctx_grad(enc: PromptTextEncoder, ctx: torch.Tensor, feats: torch.Tenso
 
 
 def auto_chunk(enc: PromptTextEncoder, budget: Optional[int] = None) -> int:
-    """Units (cotangents or tangent directions) per vmapped chunk: the largest count whose estimated
-    intermediate state, ``_UNIT_FACTOR * C * L * D`` elements each, fits ``budget`` bytes."""
+    """Cotangents per vmapped chunk of pullbacks (per-example or basis): the largest count whose estimated
+    intermediate state, ``_UNIT_FACTOR * C * L * D`` elements each, fits ``budget`` bytes
+    (None: ``DEFAULTS["memory_budget"]``, else 256 MiB on CPU, a quarter of the free memory on CUDA)."""
     budget = DEFAULTS["memory_budget"] if budget is None else budget
+    if budget is None:
+        dev = enc.prefix.device
+        budget = torch.cuda.mem_get_info(dev)[0] // 4 if dev.type == "cuda" else 256 * 2**20
     unit = _UNIT_FACTOR * enc.n_classes * enc.length * enc.width * enc.prefix.element_size()
     return max(1, int(budget // unit))
 
@@ -178,7 +183,7 @@ def per_example_ctx_grads(enc: PromptTextEncoder, ctx: torch.Tensor, feats: torc
     """(losses (B,), G (B, n_ctx, D)) with G[i] = d loss_i / d ctx, exactly (module doc).
 
     ``strategy``: "vjp", "jacobian" or "auto" (None: ``DEFAULTS["strategy"]``). ``chunk_size``:
-    cotangents (vjp) or basis directions (jacobian) per vmapped chunk, bounding peak memory (None:
+    per-example (vjp) or basis (jacobian) cotangents per vmapped chunk, bounding peak memory (None:
     ``DEFAULTS["chunk_size"]``, else :func:`auto_chunk` for ``DEFAULTS["memory_budget"]``)."""
     B = len(labels)
     if B == 0:
