@@ -104,7 +104,8 @@ def _step_timings(dev, batch_sizes: list[int], models: list[str]) -> list[dict[s
                 if name == "dp-auto":
                     row["picked"] = choose_strategy(enc, ctx, B)
                 rows.append(row)
-                print(f"{model:10s} {name:12s} B={B:4d} {row['median_ms']:9.2f} ms {row['peak_mib']:9.1f} MiB", flush=True)
+                print(f"{model:10s} {name:12s} B={B:4d} {row['median_ms']:9.2f} ms {row['peak_mib']:9.1f} MiB",
+                      flush=True)
         del clip, enc
         torch.cuda.empty_cache()
     return rows
@@ -137,7 +138,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return NO_CUDA_STATUS
     dev = torch.device(args.device)
     t0 = time.perf_counter()
-    res: dict[str, Any] = {"command": "python -m bench.gpu_check " + " ".join(argv if argv is not None else sys.argv[1:]),
+    args_text = " ".join(argv if argv is not None else sys.argv[1:])
+    res: dict[str, Any] = {"command": f"python -m bench.gpu_check {args_text}".strip(),
                            "device": torch.cuda.get_device_name(dev), "torch": torch.__version__}
     res["checks"] = _cuda_checks(dev)
     res["steps"] = _step_timings(dev, args.batch_sizes, args.models)

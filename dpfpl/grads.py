@@ -106,28 +106,44 @@ def _vjp_grads(enc: PromptTextEncoder, ctx: torch.Tensor, feats, labels, scale: 
     return losses, G
 
 
-def _jacobian(enc: PromptTextEncoder, ctx: torch.Tensor, chunk: int):
-    """(f_txt (C, E), J (C, E, n_ctx, D)) with J[c, e] = d f_txt[c, e] / d ctx.
+def _jacobian_rows(enc: PromptTextEncoder, ctx: torch.Tensor, chunk: int):
+    """f_txt (C, E) and an iterator of (e0, J_e (k, C, n_ctx, D)), J_e[j, c] = d f_txt[c, e0 + j] / d ctx.
 
     Class c's feature depends only on its own token sequence, so with the context replicated per
     class, ctx_c (C, n_ctx, D), d f[c] / d ctx = d f[c] / d ctx_c: one pullback with the cotangent
     1[e] on every class's row yields row e of all C Jacobians at once, i.e. E reverse passes
-    (vmapped in chunks of ``chunk``) give J whole, however many examples use it."""
+    (vmapped ``chunk`` at a time) give J whole, however many examples use it."""
     C = enc.n_classes
     ctx_c = ctx.unsqueeze(0).expand(C, *ctx.shape).contiguous()  # (C, n_ctx, D)
     txt, vjp_fn = torch.func.vjp(enc, ctx_c)  # (C, E)
     E = txt.shape[1]
-    basis = torch.eye(E, dtype=txt.dtype, device=txt.device)[:, None, :].expand(E, C, E)  # (E, C, E)
-    (J,) = torch.func.vmap(vjp_fn, chunk_size=None if chunk >= E else chunk)(basis)  # (E, C, n_ctx, D)
-    return txt, J.transpose(0, 1)  # (C, E, n_ctx, D)
+    eye = torch.eye(E, dtype=txt.dtype, device=txt.device)
+
+    def rows():
+        for e0 in range(0, E, chunk):
+            basis = eye[e0:e0 + chunk, None, :].expand(-1, C, E)  # (k, C, E)
+            yield e0, torch.func.vmap(vjp_fn)(basis)[0]  # (k, C, n_ctx, D)
+    return txt, rows()
+
+
+def _jacobian(enc: PromptTextEncoder, ctx: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f_txt (C, E), J (C, E, n_ctx, D)) whole (tests; the step streams the rows instead)."""
+    txt, rows = _jacobian_rows(enc, ctx, chunk)
+    return txt, torch.cat([Je for _, Je in rows]).transpose(0, 1)
 
 
 def _jacobian_grads(enc: PromptTextEncoder, ctx: torch.Tensor, feats, labels, scale: float, chunk: int):
-    txt, J = _jacobian(enc, ctx, chunk)  # (C, E), (C, E, n_ctx, D)
+    """G_i = J^T u_i for all i, accumulated over chunks of J's rows: memory ~ one chunk, not J."""
+    txt, rows = _jacobian_rows(enc, ctx, chunk)  # (C, E)
     with torch.no_grad():
         losses, cot = _cotangents(txt, feats, labels, scale)  # (B, C, E)
-        G = cot.reshape(len(labels), -1) @ J.reshape(-1, ctx.numel())  # (B, C*E) @ (C*E, P) -> (B, P)
-    return losses, G.reshape(len(labels), *ctx.shape)  # (B, n_ctx, D)
+    B = len(labels)
+    G = torch.zeros(B, ctx.numel(), dtype=cot.dtype, device=cot.device)  # (B, P)
+    for e0, Je in rows:
+        k = len(Je)
+        U = cot[:, :, e0:e0 + k].transpose(1, 2).reshape(B, -1)  # (B, k*C)
+        G += U @ Je.reshape(k * Je.shape[1], -1)  # (B, k*C) @ (k*C, P)
+    return losses, G.reshape(B, *ctx.shape)  # (B, n_ctx, D)
 
 
 def choose_strategy(enc: PromptTextEncoder, ctx: torch.Tensor, B: int, chunk: Optional[int] = None) -> str:
