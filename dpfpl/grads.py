@@ -17,7 +17,7 @@ so G_i = J^T u_i with J = d f_txt / d ctx, a (C*E, P) matrix, P = n_ctx * D. Two
   for all examples, so the encoder's cost does not grow with B. Class c's feature depends on ctx
   only through class c's own sequence, so J takes E reverse passes (basis cotangents, vmapped in
   chunks; see :func:`_jacobian`), not P = n_ctx * D forward-mode passes: on the tiny model
-  (E = 64, P = 1024) forward mode (``jvp`` vmapped over the P basis directions) measured ~60x
+  (E = 64, P = 1024) forward mode (``jvp`` vmapped over the P basis directions) measured 25-80x
   slower than this (bench/per_example.py, "jacfwd").
 
 ``"auto"`` picks the cheaper one by :func:`choose_strategy` (a cost model measured once per encoder
