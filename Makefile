@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test bench audits microbench clean
+.PHONY: setup test bench audits microbench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ microbench: setup
 	$(BIN)/python -m pytest bench --benchmark-only --benchmark-enable -q --benchmark-sort=name \
 		--benchmark-columns=median,iqr,min,rounds --benchmark-json=results/microbench/benchmark.json \
 		| tee results/microbench/summary.txt
+
+# CUDA checks, step time and peak memory on a GPU -> results/gpu/ (exit status 2 without CUDA)
+gpu-check: setup
+	$(BIN)/python -m bench.gpu_check --out results/gpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

@@ -119,15 +119,18 @@ def _batch(B: int, enc, n_classes: int):
     return ctx.to(dev), feats.to(dev), labels.to(dev)
 
 
-@pytest.mark.parametrize("B", [8, 32])
-@pytest.mark.parametrize("kind", ["batch", "per_example"])
+@pytest.mark.parametrize("B", [8, 32, 256])
+@pytest.mark.parametrize("kind", ["batch", "per_example", "per_example_jacobian"])
 def test_context_gradients(benchmark, kind, B, encoder, dataset):
-    """G = dLoss/dctx: one batch-mean gradient vs B per-example gradients (vjp + vmap)."""
+    """G = dLoss/dctx: one batch-mean gradient vs B per-example gradients, by vjp + vmap
+    ("per_example") and by the text Jacobian once plus one product ("per_example_jacobian");
+    ``python -m bench.per_example`` sweeps B further and measures memory."""
     from dpfpl.grads import batch_ctx_grad, per_example_ctx_grads
 
     ctx, feats, labels = _batch(B, encoder, len(dataset.classnames))
+    strategy = "jacobian" if kind == "per_example_jacobian" else "vjp"
     fn = (lambda: batch_ctx_grad(encoder, ctx, feats, labels, 100.0)) if kind == "batch" else \
-        (lambda: per_example_ctx_grads(encoder, ctx, feats, labels, 100.0))
+        (lambda: per_example_ctx_grads(encoder, ctx, feats, labels, 100.0, strategy=strategy))
     _info(benchmark, kind=kind, batch_size=B, n_classes=len(dataset.classnames), seq_len=encoder.length)
     benchmark.pedantic(_synced(fn), rounds=20, warmup_rounds=2, iterations=1)
 

@@ -74,6 +74,13 @@ class TrainConfig:
     seed: int = opt(0, "seed for data split, initialisation and batches")
     cut_text: bool = opt(True, "cut the causal text encoder after the last end-of-text token")
     cache_features: bool = opt(True, "cache frozen image features (inputs are not augmented)")
+    feature_cache_dir: Optional[str] = opt(
+        None, "folder of the persistent image-feature cache (None: $DPFPL_CACHE_DIR/features, else "
+        "~/.cache/dpfpl/features; 'off': keep features in memory only)")
+    per_example_grads: str = opt(
+        "auto", "exact per-example gradient strategy for DP: vjp (cost grows with the batch), "
+        "jacobian (text Jacobian once per step), auto (the cheaper, by a measured cost model)",
+        ("auto", "vjp", "jacobian"))
 
 
 @dataclass

@@ -103,9 +103,10 @@ class Engine(EngineRecord):
         self.scale = logit_scale(self.clip)
         status("encoding images")
         self.store = FeatureStore(self.clip, {"train": self.dataset.train, "test": self.dataset.test},
-                                  cache=t.cache_features)
+                                  cache=t.cache_features, cache_dir=t.feature_cache_dir)
         sampling = cfg.batch_sampling
-        self.settings = TrainSettings(t.lr, t.momentum, t.weight_decay, t.batch_size, sampling, t.n_ctx)
+        self.settings = TrainSettings(t.lr, t.momentum, t.weight_decay, t.batch_size, sampling, t.n_ctx,
+                                      t.per_example_grads)
         seeds = np.random.SeedSequence(t.seed).generate_state(4 + 2 * d.num_clients)
         init_gen = torch.Generator().manual_seed(int(seeds[0]))
         p_G = torch.randn(t.n_ctx, self.enc.width, generator=init_gen) * t.ctx_init_std

@@ -49,6 +49,7 @@ class TrainSettings:
     batch_size: int
     sampling: str
     n_ctx: int
+    per_example_grads: str = "auto"  # vjp | jacobian | auto (dpfpl.grads.per_example_ctx_grads)
 
 
 def sgd(params: list[torch.Tensor], s: TrainSettings, lr: Optional[float] = None) -> torch.optim.SGD:
@@ -91,7 +92,8 @@ class Client:
     def _grad(self, ctx: torch.Tensor, feats, labels) -> torch.Tensor:
         """G (n_ctx, D) batch mean, or (B, n_ctx, D) per example when the privacy mode needs it."""
         if self.privacy.per_example:
-            losses, G = per_example_ctx_grads(self.enc, ctx, feats, labels, self.scale)
+            losses, G = per_example_ctx_grads(self.enc, ctx, feats, labels, self.scale,
+                                              strategy=self.s.per_example_grads)
             self.last_loss = float(losses.mean()) if len(losses) else float("nan")
             return G
         self.last_loss, G = batch_ctx_grad(self.enc, ctx, feats, labels, self.scale)

@@ -41,6 +41,21 @@ class StopAfter:
             raise KeyboardInterrupt
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_feature_cache(tmp_path_factory):
+    """Session-scoped fixtures that build engines write their image features under a temporary
+    folder, never into the user's ~/.cache/dpfpl."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DPFPL_CACHE_DIR", str(tmp_path_factory.mktemp("dpfpl-cache")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _feature_cache(tmp_path, monkeypatch):
+    """Every test gets its own empty persistent feature cache (no state shared between tests)."""
+    monkeypatch.setenv("DPFPL_CACHE_DIR", str(tmp_path / "dpfpl-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset() -> Dataset:
     xtr, ytr = make_images(10, 0)
