@@ -289,6 +289,7 @@ def test_reference_mode_counts_one_exposure_per_epoch(tiny_clip, tiny_dataset, m
     (dict(budget_split=1.0), "budget_split"),
     (dict(noise_multiplier_local=0.0, noise_multiplier_global=0.0), "nothing was trained"),
     (dict(secure_noise=True, noise_seed=1), "secure_noise"),
+    (dict(method="zeroshot"), "trains nothing"),
 ])
 def test_bad_privacy_input(tiny_clip, tiny_dataset, make_cfg, kw, needle):
     with pytest.raises((ConfigError, BudgetExhausted)) as err:

@@ -105,6 +105,9 @@ class DPPrivacy(Privacy):
         self.unit, self.micro = parse_clip_unit(p.clip_unit)
         self.method = engine.method
         self.protocol = engine.protocol
+        if not self.method.trainable:
+            raise ConfigError(f"privacy={p.privacy} cannot take effect: method {self.method.name} trains nothing "
+                              "(run it with privacy=none)")
         self.client_level = p.dp_level == "client"
         if self.client_level and self.protocol != "fedavg":
             raise ConfigError("privacy.dp_level=client needs the fedavg protocol (--protocol fedavg)")
