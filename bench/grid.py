@@ -185,7 +185,7 @@ class GridSpec:
 
     def audits_cell(self, cell: "Cell") -> bool:
         """Whether audits (when enabled) cover ``cell`` (zero-shot trains nothing: never audited)."""
-        from dpfpl.methods import get_method
+        from dpfpl.registry import get_method
 
         return get_method(cell.method).trainable and (self.audit_seeds is None or cell.seed in self.audit_seeds)
 
@@ -230,7 +230,7 @@ class GridSpec:
 
     # ------------------------------------------------------------------ validation and expansion
     def validate(self) -> "GridSpec":
-        from dpfpl.methods import method_names
+        from dpfpl.registry import method_names
 
         if self.private_mode not in PRIVATE_MODES:
             raise ConfigError(f"bench grid {self.name}: private_mode={self.private_mode!r} is not one of {list(PRIVATE_MODES)}")
@@ -294,7 +294,7 @@ class GridSpec:
 
     def cells(self) -> list[Cell]:
         """Every cell of the grid (main grid then blocks, first occurrence kept)."""
-        from dpfpl.methods import get_method
+        from dpfpl.registry import get_method
 
         self.validate()
         names = self.axis_names()
@@ -346,7 +346,7 @@ class GridSpec:
 def _fit_privacy(ov: dict[str, Any], method: str) -> None:
     """Drop the noise multipliers a cell's method has no release for (a grid sets them for every
     method at once; a run config with a multiplier that cannot act is an error)."""
-    from dpfpl.methods import get_method
+    from dpfpl.registry import get_method
 
     m = get_method(method)
     if not m.uses_local or ov.get("privacy") != "dp":

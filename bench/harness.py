@@ -337,7 +337,7 @@ def _worker_run(cell: Cell, runs_dir: str, audit: Optional[tuple[list[str], dict
 
 def cell_weight(cell: Cell) -> float:
     """Relative cost estimate of a cell, for the ETA (per-example gradients dominate DP cells)."""
-    from dpfpl.methods import get_method
+    from dpfpl.registry import get_method
 
     cfg = cell.config()
     if not get_method(cell.method).trainable:

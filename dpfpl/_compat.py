@@ -53,3 +53,17 @@ def import_open_clip():
     import open_clip
 
     return open_clip
+
+
+CONFIG_DIR = __import__("pathlib").Path(__file__).parent / "model_configs"
+_REGISTERED = False
+
+
+def open_clip_with_configs():
+    """open_clip (see :func:`import_open_clip`) with the shipped model configs (``model_configs/``) registered."""
+    global _REGISTERED
+    oc = import_open_clip()
+    if not _REGISTERED:
+        oc.add_model_config(CONFIG_DIR)
+        _REGISTERED = True
+    return oc

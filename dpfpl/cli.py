@@ -105,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from .methods import get_method, method_names
+    from .registry import get_method, method_names
 
     for name in method_names():
         m = get_method(name)

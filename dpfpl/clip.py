@@ -18,20 +18,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ._compat import import_open_clip
+from ._compat import CONFIG_DIR, open_clip_with_configs
 from .errors import ConfigError, DpfplError
 
-CONFIG_DIR = Path(__file__).parent / "model_configs"
-_REGISTERED = False
 
 
-def _open_clip():
-    global _REGISTERED
-    oc = import_open_clip()
-    if not _REGISTERED:
-        oc.add_model_config(CONFIG_DIR)
-        _REGISTERED = True
-    return oc
+_open_clip = open_clip_with_configs  # open_clip with the shipped model configs registered
 
 
 def available_models() -> list[str]:
@@ -88,7 +80,7 @@ def load_clip(name: str, pretrained: Optional[str], device: str | torch.device =
     if pretrained is None or str(pretrained).lower() == "none":
         weights = None
     elif pretrained == "builtin":
-        from .pretrain import builtin_checkpoint  # lazy: pretrain imports heavier things
+        from .assets import builtin_checkpoint
 
         weights = str(builtin_checkpoint(name))
     elif os.path.sep in pretrained or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors"):

@@ -26,7 +26,8 @@ from .data.partition import ClientData
 from .errors import ConfigError
 from .features import FeatureStore
 from .federation import Client, Server, TrainSettings
-from .methods import Method, get_method
+from .methods import Method
+from .registry import get_method
 from .text import PromptTextEncoder, logit_scale, template_features
 
 

@@ -10,7 +10,9 @@ example under DP, per batch otherwise); everything a method needs is linear in G
 - ``LocalView.param_grads(carrier)`` turns (noised, averaged) carrier gradients into gradients of
   the local state parameters, which each client's own optimiser applies.
 
-Baselines live in the ``baselines`` package and register here with :func:`register`.
+Baselines live in the ``baselines`` package and register here with :func:`register`;
+:mod:`dpfpl.registry` (``get_method``, ``method_names``) loads them, so this module never imports
+``baselines`` (no import cycle).
 """
 
 from __future__ import annotations
@@ -29,22 +31,6 @@ def register(cls: type["Method"]) -> type["Method"]:
     """Class decorator adding a method to the registry under ``cls.name``."""
     _REGISTRY[cls.name] = cls
     return cls
-
-
-def method_names() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
-def get_method(name: str) -> type["Method"]:
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown method {name!r}; valid methods: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
-
-
-def _load_builtin() -> None:
-    import baselines  # noqa: F401  (registers the baselines)
 
 
 class LocalView:

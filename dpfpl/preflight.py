@@ -66,7 +66,7 @@ def effective_protocol(cfg: RunConfig, method) -> str:
 
 def check_config(cfg: RunConfig) -> RunConfig:
     """Raise ConfigError for the first problem knowable from ``cfg`` alone; returns ``cfg``."""
-    from .methods import get_method
+    from .registry import get_method
 
     cfg.validate()
     t, m, p = cfg.train, cfg.model, cfg.privacy

@@ -22,7 +22,6 @@ library versions, the measured accuracies and the sha256 of the weights file, wh
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -36,8 +35,6 @@ import torch.nn.functional as F
 
 from .errors import ConfigError, DpfplError
 
-FORMAT = "dpfpl-pretrain/1"
-ASSET_DIR = Path(__file__).parent / "assets"
 DEFAULT_MODEL = "dpfpl-tiny"
 
 # The recipe of the shipped asset: ``dpfpl pretrain`` defaults (keep in sync with the asset).
@@ -53,74 +50,8 @@ ZERO_SHOT_TEMPLATE = "a photo of a {}."
 
 
 # ----------------------------------------------------------------------------------------------
-# paths and integrity
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def sidecar_path(weights: str | Path) -> Path:
-    """``foo.safetensors`` -> ``foo.meta.json`` (next to the weights)."""
-    p = Path(weights)
-    return p.with_name(p.stem + ".meta.json")
-
-
-def builtin_models() -> list[str]:
-    """Architectures with a checkpoint shipped in ``dpfpl/assets``."""
-    return sorted(p.name[: -len(".safetensors")] for p in ASSET_DIR.glob("*.safetensors"))
-
-
-_VERIFIED: dict[str, str] = {}
-
-
-def verify_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Check ``path`` against its sidecar (format, sha256); return the sidecar. Raises DpfplError."""
-    path = Path(path)
-    meta_path = sidecar_path(path)
-    if not meta_path.is_file():
-        raise DpfplError(f"checkpoint {path} has no sidecar {meta_path.name}: cannot verify it")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DpfplError(f"cannot read checkpoint sidecar {meta_path}: {exc}") from None
-    if meta.get("format") != FORMAT:
-        raise DpfplError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    key = str(path.resolve())
-    stat = path.stat()
-    stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
-    if _VERIFIED.get(key) != stamp:
-        digest = sha256_file(path)
-        if digest != meta.get("sha256"):
-            raise DpfplError(
-                f"checkpoint {path} is corrupt or was modified: sha256 {digest} does not match "
-                f"{meta.get('sha256')} recorded in {meta_path.name}; reinstall the package or "
-                f"rebuild it with `dpfpl pretrain --out {path}`")
-        _VERIFIED[key] = stamp
-    return meta
-
-
-def builtin_checkpoint(model_name: str) -> Path:
-    """The shipped, verified checkpoint of ``model_name`` (``--pretrained builtin``)."""
-    path = ASSET_DIR / f"{model_name}.safetensors"
-    if not path.is_file():
-        have = builtin_models()
-        raise ConfigError(
-            f"model.pretrained='builtin': there is no builtin checkpoint for {model_name!r} "
-            f"(builtin: {', '.join(have) if have else 'none'}); pass a local checkpoint file with "
-            f"--pretrained PATH, or build one for the tiny architecture with `dpfpl pretrain --out PATH`")
-    meta = verify_checkpoint(path)
-    config = _open_clip().get_model_config(model_name)
-    if meta.get("model_config") != config:
-        raise DpfplError(
-            f"the builtin checkpoint {path.name} was built for another {model_name} architecture than "
-            f"model_configs/{model_name}.json now describes; rebuild it with "
-            f"`dpfpl pretrain --model {model_name} --out {path}` or restore the config")
-    return path
+# paths and integrity: dpfpl.assets (re-exported here for the pretrain command and its tests)
+from .assets import ASSET_DIR, FORMAT, builtin_checkpoint, builtin_models, sha256_file, sidecar_path, verify_checkpoint  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,9 +59,9 @@ def builtin_checkpoint(model_name: str) -> Path:
 
 
 def _open_clip():
-    from .clip import _open_clip as oc
+    from ._compat import open_clip_with_configs
 
-    return oc()
+    return open_clip_with_configs()
 
 
 def image_tensor(images: np.ndarray, model: torch.nn.Module) -> torch.Tensor:

@@ -25,7 +25,8 @@ from flwr.serverapp import Grid  # noqa: E402
 
 from dpfpl.errors import ConfigError, DpfplError  # noqa: E402
 from dpfpl.flower import Fault, FaultPolicy, apps  # noqa: E402
-from dpfpl.flower.engine import Job, plan_resources, require_flwr, start_ray  # noqa: E402
+from dpfpl.flower.engine import Job, require_flwr  # noqa: E402
+from dpfpl.flower.run import plan_resources, start_ray  # noqa: E402
 from dpfpl.rundir import RunDir  # noqa: E402
 from dpfpl.train import train  # noqa: E402
 
@@ -214,7 +215,7 @@ def test_flower_apps_equal_inprocess(tmp_path, tiny_clip, tiny_dataset, make_cfg
 
 @pytest.mark.parametrize("method", ["dpfpl-nores", "fedotp", "fedpgp", "fedprompt", "local", "promptfl", "zeroshot"])
 def test_every_method_matches(tiny_clip, tiny_dataset, make_cfg, method):
-    from dpfpl.methods import get_method
+    from dpfpl.registry import get_method
 
     m = get_method(method)
     extra = {**DP, "method": method, "rounds": 1}
@@ -310,7 +311,7 @@ def test_resume_inprocess_checkpoint_on_flower(tmp_path, tiny_clip, tiny_dataset
 def test_bad_setups_have_remedies(monkeypatch, make_cfg, tmp_path):
     import importlib.util
 
-    from dpfpl.flower import engine as fe
+    from dpfpl.flower import run as fe
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flwr" else real(name, *a))

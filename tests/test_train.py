@@ -145,7 +145,7 @@ def test_pathological_too_many_clients(tiny_clip, tiny_dataset, make_cfg):
 
 
 def test_every_method_runs_and_zeroshot_is_reference(tiny_clip, tiny_dataset, make_cfg):
-    from dpfpl.methods import method_names
+    from dpfpl.registry import method_names
 
     for m in method_names():
         e = Engine(make_cfg(method=m, rounds=1), clip=tiny_clip, dataset=tiny_dataset)

@@ -23,6 +23,7 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
-from .engine import Fault, FaultPolicy, FlowerEngine, flwr_available, require_flwr, run_flower  # noqa: E402
+from .engine import Fault, FaultPolicy, FlowerEngine, flwr_available, require_flwr  # noqa: E402
+from .run import run_flower  # noqa: E402
 
 __all__ = ["Fault", "FaultPolicy", "FlowerEngine", "flwr_available", "require_flwr", "run_flower"]

@@ -69,7 +69,7 @@ from ..federation import Contribution
 from ..sampling import BatchSampler
 from .accountants import epsilon, pld_skipped
 from .calibration import calibrate
-from .events import event_key, group, make_event
+from .events import group, make_event
 from .ledger import BUDGET_SLACK, PrivacyLedger
 from .mechanisms import BatchOutput, Privacy
 from .randomness import NoiseSource

@@ -17,7 +17,7 @@ Shapes: per-example gradients ``name -> (B, *shape)``; units ``(B,)`` in [0, U).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
