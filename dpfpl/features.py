@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 import weakref
 from pathlib import Path
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 
 from .clip import FrozenClip
 from .data.base import ArraySplit, FileSplit, ImageSplit
+from .rundir import atomic_write_bytes
 
 CACHE_ENV = "DPFPL_CACHE_DIR"
 FORMAT = 1
@@ -143,20 +143,6 @@ def entry_key(fields: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------- disk cache
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """An exclusive advisory lock on ``path`` (flock; a no-op where fcntl is missing)."""
@@ -223,10 +209,10 @@ class DiskCache:
                 return feats, "hit"
             feats = build().float().cpu().contiguous()  # (N, E)
             digest = _digest(feats)
-            _atomic_write(data, save({"features": feats}, metadata={"key": key, "sha256": digest}))
+            atomic_write_bytes(data, save({"features": feats}, metadata={"key": key, "sha256": digest}))
             meta = {**(info or {}), **fields, "key": key, "dim": int(feats.shape[1]) if feats.ndim == 2 else 0,
                     "dtype": "float32", "sha256": digest, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            _atomic_write(manifest, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
+            atomic_write_bytes(manifest, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
         return feats, "miss" if why == "missing" else f"rebuilt: {why}"
 
 

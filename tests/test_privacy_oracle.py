@@ -124,15 +124,18 @@ COMBOS = [
 ]
 
 
-@pytest.mark.parametrize("kw", COMBOS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
-def test_reported_eps_bounds_the_oracle_and_meets_target(tiny_clip, tiny_dataset, make_cfg, monkeypatch, kw):
-    cfg = make_cfg(**{"privacy": "dp", "epsilon": 2.0, "batch_size": 8, "rounds": 2, "local_steps": 2,
-                      "accountant": "rdp", **kw})
+def traced_run(make_cfg, tiny_clip, tiny_dataset, monkeypatch, **kw) -> tuple[dict, float]:
+    """(the run's privacy summary, the oracle's eps) of a tiny run with ``kw``."""
+    cfg = make_cfg(**{"batch_size": 8, "rounds": 2, "local_steps": 2, "accountant": "rdp", **kw})
     tr = Tracer(monkeypatch)
     e = Engine(cfg, clip=tiny_clip, dataset=tiny_dataset)
     e.run()
-    s = e.privacy.summary(pld=False)
-    oracle = oracle_epsilon(e, tr.log, cfg)
+    return e.privacy.summary(pld=False), oracle_epsilon(e, tr.log, cfg)
+
+
+@pytest.mark.parametrize("kw", COMBOS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_reported_eps_bounds_the_oracle_and_meets_target(tiny_clip, tiny_dataset, make_cfg, monkeypatch, kw):
+    s, oracle = traced_run(make_cfg, tiny_clip, tiny_dataset, monkeypatch, privacy="dp", epsilon=2.0, **kw)
     assert oracle > 0.3  # the run did release something
     assert s["epsilon_spent"] >= oracle * (1 - 1e-9), (s["epsilon_spent"], oracle)
     assert oracle <= 2.0 * (1 + 1e-9)
@@ -141,11 +144,5 @@ def test_reported_eps_bounds_the_oracle_and_meets_target(tiny_clip, tiny_dataset
 
 @pytest.mark.parametrize("kw", [dict(method="dpfpl"), dict(method="fedotp", protocol="fedavg")])
 def test_reference_mode_reports_at_least_the_oracle(tiny_clip, tiny_dataset, make_cfg, monkeypatch, kw):
-    cfg = make_cfg(**{"privacy": "reference", "epsilon": 1.0, "batch_size": 8, "rounds": 2, "local_steps": 2,
-                      "accountant": "rdp", **kw})
-    tr = Tracer(monkeypatch)
-    e = Engine(cfg, clip=tiny_clip, dataset=tiny_dataset)
-    e.run()
-    s = e.privacy.summary(pld=False)
-    oracle = oracle_epsilon(e, tr.log, cfg)
+    s, oracle = traced_run(make_cfg, tiny_clip, tiny_dataset, monkeypatch, privacy="reference", epsilon=1.0, **kw)
     assert s["epsilon_spent"] >= oracle * (1 - 1e-9) > s["epsilon_claimed"]
