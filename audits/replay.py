@@ -134,7 +134,8 @@ def replay_batch_mechanism(mech: BatchMechanism, seed: int = 0, normaliser: floa
         if not lo <= r.std <= hi:
             violations.append(f"{r.part}: applied noise std {s_hat:.4g} (interval [{lo:.4g}, {hi:.4g}]) is not the "
                               f"declared noise_multiplier x C = {r.std:.4g}")
-        implied += [r.noise_multiplier / max(declared, meas)] * r.tensors  # std checked above
+        used = declared if meas <= declared * (1 + TOL) else meas  # float32 noise within TOL
+        implied += [r.noise_multiplier / used] * r.tensors  # std checked above
         parts.append({"part": r.part, "noise_at": r.noise_at, "declared_sensitivity": declared,
                       "measured_sensitivity": meas, "declared_std": r.std, "measured_std": s_hat,
                       "std_interval": [lo, hi]})
@@ -221,3 +222,55 @@ def _replay_client_level(priv) -> dict[str, Any]:
     if ev != dp_event.GaussianDpEvent(priv.nm_global / 2.0):
         v.append(f"client-level: example-level server event {ev} is not Gaussian(nm_G / 2)")
     return {"violations": v, "example_sensitivity": ex, "measured_std": s_hat}
+
+
+def public_seed_candidates(seed: int, client_ids) -> list[tuple[str, torch.Generator]]:
+    """Generators anyone could build from a run's PUBLIC seed (config.json's train.seed): torch's
+    ``manual_seed(seed [+ i])`` and the project's own derivation ``SeedSequence([seed, *key])``."""
+    out = []
+    for s in {seed, *[seed + i for i in client_ids]}:
+        out.append((f"torch.manual_seed({s})", torch.Generator().manual_seed(s)))
+    src = NoiseSource(noise_seed=seed)
+    for key in [(0,)] + [k for i in client_ids for k in ((1, i), (2, i, 0))]:
+        out.append((f"SeedSequence([{seed}, {', '.join(map(str, key))}])", src.generator(*key)))
+    return out
+
+
+def reproduce_noise(noise: torch.Tensor, candidates: list[tuple[str, torch.Generator]],
+                    threshold: float = 0.5) -> dict[str, Any]:
+    """Whether a released noise draw ``noise`` (n values of N(0, s^2)) is the first draw of one of
+    ``candidates``: the correlation of noise with the candidate's first n standard normals (a secret
+    draw gives |corr| ~ N(0, 1/n); n >= 1000 puts 0.5 beyond 15 standard deviations)."""
+    z = noise.double().flatten()
+    best = ("", 0.0)
+    for name, g in candidates:
+        c = torch.randn(z.numel(), generator=g, dtype=torch.float32).double()
+        r = float((z * c).sum() / (z.norm() * c.norm() + 1e-300))
+        if abs(r) > abs(best[1]):
+            best = (name, r)
+    return {"reproduced": abs(best[1]) > threshold, "best_candidate": best[0], "correlation": best[1],
+            "n": z.numel()}
+
+
+def seed_check(priv, public_seed: int, n: int = 4000) -> dict[str, Any]:
+    """Regenerate each client's first local noise draw (and the server's) from the public seed.
+    A reproduced draw is a violation unless the run says so (``noise_secret: false``)."""
+    cands = public_seed_candidates(public_seed, sorted(priv.n))
+    out, violations = {}, []
+    for i, mech in sorted(priv.mechanisms.items()):
+        client_parts = [r for r in mech.releases if r.noise_at == "client"]
+        if not client_parts:
+            continue
+        zero = {r.part: {"a": torch.zeros(1, n)} for r in mech.releases}
+        if isinstance(mech, ReferenceBatchMechanism):
+            zero = {r.part: {f"t{j}": torch.zeros(n) for j in range(r.tensors)} for r in mech.releases}
+        rel = mech(zero, 1.0, priv.source, priv.client_gens[i], positions=torch.arange(1))
+        r0 = client_parts[0]
+        noise = next(iter(rel.values[r0.part].values())).flatten()
+        res = reproduce_noise(noise, [(nm, torch.Generator().set_state(g.get_state())) for nm, g in cands])
+        out[f"client{i}"] = res
+        if res["reproduced"] and priv.source.secret:
+            violations.append(f"client {i}: noise reproduced from the public seed ({res['best_candidate']}, "
+                              f"corr {res['correlation']:.3f}) while the run claims secret noise")
+    return {"ok": not violations, "violations": violations, "noise_secret_claimed": priv.source.secret,
+            "clients": out}
