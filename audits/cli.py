@@ -20,6 +20,7 @@ from typing import Any
 from dpfpl.errors import ConfigError
 
 from .attacks import ATTACKS
+from .mechanism_run import MECHANISM_ATTACKS, audit_run_mechanisms
 from .audit import CONTROLS, TARGETS, AuditSettings, audit_run_dir, audit_train
 from .canary import CANARY_KINDS
 
@@ -45,8 +46,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "trained here with coin-flip membership (sound one-run bounds). Writes audit.json, "
                     "audit.md and roc.png to --out.")
     p.add_argument("run_dir", nargs="?", default=None, metavar="RUN_DIR", help="finished run directory to audit")
-    p.add_argument("--attack", action="append", dest="attacks", choices=ATTACKS, metavar="NAME",
-                   help=f"attack to run (repeatable): {', '.join(ATTACKS)}")
+    p.add_argument("--attack", action="append", dest="attacks", choices=ATTACKS + MECHANISM_ATTACKS, metavar="NAME",
+                   help=f"attack to run (repeatable): {', '.join(ATTACKS)}; mechanism-level (RUN_DIR only, no "
+                        f"training): {', '.join(MECHANISM_ATTACKS)}")
+    p.add_argument("--trials", type=int, default=100_000,
+                   help="mechanism attack: independent trials per world (default 100000)")
     p.add_argument("--out", dest="audit_out", default=None,
                    help="output folder (default: RUN_DIR/audit, or runs/audit-<method>-<dataset>[-control])")
     p.add_argument("--shadows", type=int, default=4, help="shadow/reference models for shadow, lira, rmia (default 4)")
@@ -105,11 +109,38 @@ def _print_summary(report: dict[str, Any], out: Path) -> None:
     print(f"wrote {out / 'audit.json'}, {out / 'audit.md'}, {out / 'roc.png'}")
 
 
+def _print_mechanism_summary(report: dict[str, Any], out: Path) -> None:
+    m = report["attacks"].get("mechanism")
+    if m:
+        print(f"mechanism: sound eps lower bound {m['eps_lower_bound']:.3f} (confidence {m['confidence']}, "
+              f"{m['trials']} trials/world, {m['steps']} steps, {m['statistic']}) vs "
+              f"{'claimed' if m['epsilon_claimed'] is not None else 'accounted'} eps {m['claimed_eps']:.3f}: "
+              f"{m['verdict']}; GDP estimate (not a bound) {m['eps_estimate']}")
+    r = report["attacks"].get("replay")
+    if r:
+        print(f"replay: {'ok' if r['ok'] else 'VIOLATIONS'}")
+    for f in report["findings"]:
+        print(f"{f['kind'].upper()} ({f['attack']}): {f['message']}")
+    print(f"wrote {out / 'audit.json'}")
+
+
 def run(args: argparse.Namespace) -> int:
     from dpfpl.cli import config_from_args
 
     if not args.attacks:
-        raise ConfigError("--attack: name at least one attack (" + ", ".join(ATTACKS) + ")")
+        raise ConfigError("--attack: name at least one attack (" + ", ".join(ATTACKS + MECHANISM_ATTACKS) + ")")
+    mech_level = [a for a in args.attacks if a in MECHANISM_ATTACKS]
+    if mech_level:
+        if len(mech_level) != len(args.attacks) or args.run_dir is None or args.train or args.control:
+            raise ConfigError(f"--attack {'/'.join(MECHANISM_ATTACKS)} audit a RUN_DIR's release code on their own: "
+                              "give RUN_DIR and no membership attacks, --train or --control")
+        if args.trials < 2:
+            raise ConfigError(f"--trials must be >= 2, got {args.trials}")
+        out = Path(args.audit_out) if args.audit_out else Path(args.run_dir) / "audit"
+        report = audit_run_mechanisms(args.run_dir, out, mech_level, trials=args.trials,
+                                      confidence=args.confidence, seed=args.audit_seed)
+        _print_mechanism_summary(report, out)
+        return 0 if not report["findings"] else 1
     settings = AuditSettings(attacks=args.attacks, shadows=args.shadows, client=args.client, target=args.target,
                              seed=args.audit_seed, confidence=args.confidence, delta=args.audit_delta,
                              canaries=args.canaries, canary_kind=args.canary_kind, lira_variance=args.lira_variance,

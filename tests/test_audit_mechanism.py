@@ -1,0 +1,147 @@
+"""Mechanism-level audit (audits.mechanism / audits.mechanism_run) and the replay check (audits.replay)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from audits.bounds import gaussian_eps
+from audits.mechanism import audit_mechanism, gaussian_mixture_llr, sum_statistic
+from audits.mechanism_run import audit_batch_mechanism, audit_run_mechanisms, rebuild_privacy
+from audits.replay import replay_privacy, seed_check
+from dpfpl.errors import ConfigError
+from dpfpl.methods import get_method, method_names
+from dpfpl.privacy.dp import build_dp_privacy
+from dpfpl.privacy.release import BatchMechanism, GaussianRelease
+
+
+def gaussian_release(mu: float, T: int = 1):
+    def release(neighbour, trials, rng):
+        return rng.normal(size=(trials, T, 1)) + (mu / math.sqrt(T) if neighbour else 0.0)
+    return release
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bound_is_sound_and_refutes_a_low_claim(seed):
+    mu = 2.0  # exact eps at delta 1e-5 is gaussian_eps(1e-5, 2)
+    true = gaussian_eps(1e-5, mu)
+    score = gaussian_mixture_llr([mu / 2], [0.0], [1.0], 1.0)  # T=4 steps, shift mu/2 each
+    r = audit_mechanism(gaussian_release(mu, 4), score, 1e-5, 50_000, claimed_eps=true, seed=seed)
+    assert r.bound_sound and 0.5 * true < r.eps_lower_bound <= true
+    assert r.verdict == "consistent" and r.trials == 50_000 and r.steps == 4
+    assert r.eps_estimate is not None and abs(r.eps_estimate - true) < 0.3 * true  # the GDP estimate, labelled
+    low = audit_mechanism(gaussian_release(mu, 4), score, 1e-5, 50_000, claimed_eps=0.5 * true, seed=seed)
+    assert low.verdict == "claim refuted" and low.eps_lower_bound > 0.5 * true
+    assert json.dumps(low.as_dict())
+
+
+def test_llr_beats_the_plain_sum_under_poisson_sampling():
+    mech = BatchMechanism((GaussianRelease("local", 1.0, 1.0, 1.0),), 0.1, "poisson")
+    llr = audit_batch_mechanism(mech, 16, 1e-5, 20_000, seed=0, accountant="rdp")
+    from audits.mechanism_run import dirac_release
+    plain = audit_mechanism(dirac_release(mech, 16), sum_statistic, 1e-5, 20_000,
+                            claimed_eps=llr.claimed_eps, seed=0)
+    assert llr.eps_lower_bound > plain.eps_lower_bound
+    assert llr.eps_lower_bound <= llr.claimed_eps  # a correct mechanism is never refuted
+
+
+def test_release_shape_is_checked():
+    with pytest.raises(ConfigError):
+        audit_mechanism(lambda nb, n, rng: np.zeros((n + 1, 2)), sum_statistic, 1e-5, 10, claimed_eps=1.0)
+
+
+def _engine(method: str, protocol: str, sizes=(12, 20)):
+    m = get_method(method)
+    clients = [SimpleNamespace(client_id=i, train_idx=range(n)) for i, n in enumerate(sizes)]
+    return SimpleNamespace(method=m, protocol=protocol, clients_data=clients, local_steps=2)
+
+
+def _configs(make_cfg):
+    """Every method x protocol x dp level x clip unit x sampling the DP mode accepts."""
+    for method, protocol, level, unit, sampling in itertools.product(
+            [m for m in method_names() if m != "zeroshot"], ["grad", "fedavg"], ["example", "client"],
+            ["example", "microbatch:2", "batch"], ["poisson", "shuffle"]):
+        m = get_method(method)
+        if protocol == "fedavg" and not m.uses_global or level == "client" and (protocol != "fedavg" or not m.uses_global):
+            continue
+        kw = {"privacy": "dp", "method": method, "protocol": protocol, "dp_level": level, "clip_unit": unit,
+              "sampling": sampling, "accountant": "rdp", "clip_norm": 0.7}
+        if m.uses_local:
+            kw["noise_multiplier_local"] = 1.1
+        if m.uses_global:
+            kw["noise_multiplier_global"] = 1.7
+        yield kw, make_cfg(**kw)
+
+
+def test_replay_every_release_of_every_configuration(make_cfg):
+    n = 0
+    for kw, cfg in _configs(make_cfg):
+        priv = build_dp_privacy(cfg, _engine(kw["method"], kw["protocol"]))
+        rep = replay_privacy(priv, seed=n)
+        assert rep["ok"], (kw, rep["violations"])
+        for c in rep["clients"].values():
+            for p in c["parts"]:
+                assert p["measured_sensitivity"] <= p["declared_sensitivity"] * (1 + 1e-5)
+                lo, hi = p["std_interval"]
+                assert lo <= p["declared_std"] <= hi
+        sc = seed_check(build_dp_privacy(cfg, _engine(kw["method"], kw["protocol"])), cfg.train.seed)
+        assert sc["ok"] and not any(v["reproduced"] for v in sc["clients"].values()), kw
+        n += 1
+    assert n >= 40
+
+
+def test_replay_sees_the_worst_case_of_group_clipping(make_cfg):
+    """The crafted neighbours reach the declared 2C of group units and of replace-one exactly."""
+    for unit, sampling in (("microbatch:2", "poisson"), ("batch", "poisson"), ("example", "shuffle")):
+        cfg = make_cfg(privacy="dp", method="local", clip_unit=unit, sampling=sampling, accountant="rdp",
+                       noise_multiplier_local=1.0)
+        rep = replay_privacy(build_dp_privacy(cfg, _engine("local", "grad")))
+        ms = [p["measured_sensitivity"] for c in rep["clients"].values() for p in c["parts"]]
+        assert rep["ok"] and min(ms) == pytest.approx(2.0, rel=1e-4)
+
+
+def test_run_dir_mechanism_and_replay(tiny_clip, tiny_dataset, make_cfg, tmp_path):
+    from dpfpl.train import train
+
+    cfg = make_cfg(privacy="dp", method="dpfpl", noise_multiplier_local=1.0, noise_multiplier_global=1.5,
+                   accountant="rdp")
+    train(cfg, out=tmp_path / "run", clip=tiny_clip, dataset=tiny_dataset)
+    ledger = json.loads((tmp_path / "run" / "ledger.json").read_text())
+    priv, mism = rebuild_privacy(cfg, ledger)
+    assert not mism and set(priv.mechanisms) == {0, 1}
+    rep = audit_run_mechanisms(tmp_path / "run", tmp_path / "aud", ["mechanism", "replay"], trials=5000)
+    m = rep["attacks"]["mechanism"]
+    assert m["bound_sound"] is True and m["trials"] == 5000 and m["statistic"].startswith("gaussian_mixture_llr")
+    assert 0 <= m["eps_lower_bound"] <= m["epsilon_accounted"] and m["verdict"] == "consistent"
+    assert m["mechanism_matches_ledger"] and m["steps"] == cfg.train.rounds * priv.local_steps
+    assert rep["attacks"]["replay"]["ok"], rep["attacks"]["replay"]["violations"]
+    assert not rep["findings"]
+    on_disk = json.loads((tmp_path / "aud" / "audit.json").read_text())
+    assert on_disk["attacks"]["mechanism"]["eps_lower_bound"] == m["eps_lower_bound"]
+
+
+def test_cli_mechanism_attack_on_reference_run(tiny_clip, tiny_dataset, make_cfg, tmp_path, capsys):
+    """Reference mode's claim is refuted by a sound bound, through ``dpfpl audit --attack mechanism``."""
+    from dpfpl.cli import main
+    from dpfpl.train import train
+
+    cfg = make_cfg(privacy="reference", epsilon=4.0, method="dpfpl")
+    train(cfg, out=tmp_path / "ref", clip=tiny_clip, dataset=tiny_dataset)
+    rc = main(["audit", str(tmp_path / "ref"), "--attack", "mechanism", "--trials", "1000",
+               "--out", str(tmp_path / "aud")])
+    rep = json.loads((tmp_path / "aud" / "audit.json").read_text())["attacks"]["mechanism"]
+    assert rc == 1 and rep["verdict"] == "claim refuted" and rep["eps_lower_bound"] > rep["epsilon_claimed"]
+    assert "claim refuted" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("claim", [4.0, 1.0, 0.25])
+def test_reference_claim_refuted_at_every_claim(make_cfg, claim):
+    cfg = make_cfg(privacy="reference", epsilon=claim, method="dpfpl", rounds=10, local_steps=1)
+    priv = build_dp_privacy(cfg, _engine("dpfpl", "grad", sizes=(8, 8)))
+    r = audit_batch_mechanism(priv.mechanisms[0], 10, cfg.privacy.delta, 1000, claimed_eps=priv.claimed)
+    assert r.verdict == "claim refuted" and r.eps_lower_bound > claim
