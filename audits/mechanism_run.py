@@ -170,7 +170,7 @@ def rebuild_privacy(cfg: RunConfig, ledger: dict[str, Any]):
     engine (method, protocol, client sizes from the recorded sampling rates, local steps), the
     recorded multipliers, and the check that each rebuilt mechanism describes itself as recorded.
     Returns (privacy, mismatches)."""
-    from dpfpl.methods import get_method
+    from dpfpl.registry import get_method
     from dpfpl.privacy.dp import build_dp_privacy
 
     if cfg.privacy.privacy not in ("dp", "reference"):

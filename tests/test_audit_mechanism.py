@@ -15,7 +15,7 @@ from audits.mechanism import audit_mechanism, gaussian_mixture_llr, sum_statisti
 from audits.mechanism_run import audit_batch_mechanism, audit_run_mechanisms, rebuild_privacy
 from audits.replay import replay_privacy, seed_check
 from dpfpl.errors import ConfigError
-from dpfpl.methods import get_method, method_names
+from dpfpl.registry import get_method, method_names
 from dpfpl.privacy.dp import build_dp_privacy
 from dpfpl.privacy.release import BatchMechanism, GaussianRelease
 
