@@ -25,6 +25,11 @@ audits: setup
 	$(BIN)/dpfpl bench --preset audits --fresh
 	$(BIN)/dpfpl audit --train --control positive $(AUDIT_ATTACKS) --out results/audits/controls/positive
 	$(BIN)/dpfpl audit --train --control negative $(AUDIT_ATTACKS) --out results/audits/controls/negative
+	rm -rf results/audits/mechanism && mkdir -p results/audits/mechanism
+	for d in results/audits/runs/*_eps* results/audits/runs/*_ref*; do \
+		$(BIN)/dpfpl audit $$d --attack mechanism --attack replay --out results/audits/mechanism/$$(basename $$d) \
+			| sed "s|^|$$(basename $$d): |" | tee -a results/audits/mechanism/summary.txt; \
+	done
 
 microbench: setup
 	mkdir -p results/microbench
