@@ -121,12 +121,25 @@ def reference_release(mech: ReferenceBatchMechanism, steps: int, source: Optiona
     return release
 
 
-def llr_for(mech: BatchMechanism) -> ScoreFn:
-    """The likelihood-ratio statistic of the mechanism's CLAIMED parameters (worst case above)."""
+def llr_for(mech: BatchMechanism, per_part: bool = True) -> dict[str, ScoreFn]:
+    """Likelihood-ratio statistics of the mechanism's CLAIMED parameters (worst case above): the
+    joint one over every observed projection, and (``per_part``, when there are several) one per
+    projection, which a fault confined to one part (e.g. one release without noise) cannot hide
+    from behind the others' noise. :func:`audit_mechanism` corrects for the choice among them."""
     stds = [r.noise_multiplier for r in mech.releases for _ in range(r.tensors)]
-    if isinstance(mech, ReferenceBatchMechanism) or mech.sampling != "poisson":
-        return gaussian_mixture_llr([1.0] * len(stds), [-1.0] * len(stds), stds, 1.0)
-    return gaussian_mixture_llr([1.0] * len(stds), [0.0] * len(stds), stds, mech.sampling_rate)
+    names = [f"{r.part}{i if r.tensors > 1 else ''}" for r in mech.releases for i in range(r.tensors)]
+    pm = isinstance(mech, ReferenceBatchMechanism) or mech.sampling != "poisson"
+    q = 1.0 if pm else mech.sampling_rate
+    mu_out = -1.0 if pm else 0.0
+
+    def make(idx: list[int]) -> ScoreFn:
+        f = gaussian_mixture_llr([1.0] * len(idx), [mu_out] * len(idx), [stds[i] for i in idx], q)
+        return lambda obs: f(obs[..., idx])
+
+    out = {f"llr joint (q={q:.4g})": make(list(range(len(stds))))}
+    if per_part and len(stds) > 1:
+        out.update({f"llr {n} (q={q:.4g})": make([i]) for i, n in enumerate(names)})
+    return out
 
 
 def audit_batch_mechanism(mech: BatchMechanism, steps: int, delta: float, trials: int, *,
