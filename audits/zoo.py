@@ -73,7 +73,7 @@ def _dpfpl(nm: float, local=GaussianRelease, cls=BatchMechanism, glob=GaussianRe
 
 def _privacy(make_bug: Optional[Callable[[Any], None]] = None):
     """A real DPPrivacy (dpfpl, example level) with a stand-in engine; ``make_bug`` plants a fault."""
-    from dpfpl.methods import get_method
+    from dpfpl.registry import get_method
 
     cfg = RunConfig()
     cfg.update({"privacy": "dp", "method": "dpfpl", "noise_multiplier_local": 2.0, "noise_multiplier_global": 2.0,
