@@ -380,7 +380,7 @@ def mixed_run_problem(path: str | Path) -> Optional[str]:
                 found.append((f"metrics.jsonl row {i + 1}", json.loads(line).get("run_id")))
     if (p / "checkpoint.pt").is_file():
         try:
-            found.append(("checkpoint.pt", torch.load(p / "checkpoint.pt", weights_only=False).get("run_id")))
+            found.append(("checkpoint.pt", torch.load(p / "checkpoint.pt", weights_only=True).get("run_id")))
         except Exception as exc:  # noqa: BLE001
             return f"{p / 'checkpoint.pt'} is not readable ({type(exc).__name__})"
     if want is None and all(rid is None for _, rid in found):

@@ -62,7 +62,7 @@ def test_every_file_carries_the_run_id(finished):
         assert json.loads((finished / name).read_text())["run_id"] == rid, name
     rows = [json.loads(x) for x in (finished / "metrics.jsonl").read_text().splitlines()]
     assert [r["run_id"] for r in rows] == [rid, rid]
-    assert torch.load(finished / "checkpoint.pt", weights_only=False)["run_id"] == rid
+    assert torch.load(finished / "checkpoint.pt", weights_only=True)["run_id"] == rid
     assert mixed_run_problem(finished) is None
 
 
@@ -205,7 +205,7 @@ def test_full_disk_mid_run_stays_resumable(tmp_path, capsys, monkeypatch):
     line = _err_line(capsys)
     assert f"cannot write {out / 'metrics.jsonl'}: No space left on device" in line
     assert f"resumable from round 1" in line and f"--resume {out}" in line
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["round"] == 1
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["round"] == 1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1 and not (out / "summary.json").exists()
     monkeypatch.setattr(rundir, "atomic_write_bytes", real)
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0

@@ -13,7 +13,6 @@ method; the returned value is on the private side). A PLD search uses the pessim
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence
 
 from dp_accounting import dp_event, privacy_accountant
@@ -107,20 +106,6 @@ def calibrate(parts: Parts, target_epsilon: float, delta: float, accountant: str
     return float(mc.calibrate_dp_mechanism(
         lambda: SuiteAccountant(accountant), lambda v: _composed(parts(v)), target, delta,
         mc.ExplicitBracketInterval(lo, hi), tol=rel_tol * lo))
-
-
-def check_reachable(parts_at_inf: Sequence[tuple[dp_event.DpEvent, int]], target: float, delta: float,
-                    accountant: str) -> None:
-    """Raise ConfigError when even infinite free noise leaves eps above target (the fixed parts
-    alone spend it)."""
-    e = epsilon(parts_at_inf, delta, accountant)
-    if e > target:
-        raise ConfigError(f"the fixed noise alone already spends epsilon={e:.4g} > the target "
-                          f"{target} (delta={delta}): lower the fixed noise multiplier's cost or raise epsilon")
-
-
-def is_finite(x: Optional[float]) -> bool:
-    return x is not None and math.isfinite(x)
 
 
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, sampling_rate: float, steps: int,

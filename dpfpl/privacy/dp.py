@@ -167,18 +167,36 @@ class DPPrivacy(Privacy):
     def _parts(self, nm_l: Optional[float], nm_g: Optional[float]) -> tuple[GaussianRelease, ...]:
         parts = []
         if self.has_local:
-            parts.append(GaussianRelease("local", nm_l, self.C, self.sens))
+            parts.append(GaussianRelease("local", nm_l, self.C, self.sens, tensors=self._local_tensors()))
         if self.has_global_batch:
             parts.append(GaussianRelease("global", nm_g, self.C, self.sens,
                                          noise_at="server" if self.protocol == "grad" else "client"))
         return tuple(parts)
 
+    def _local_tensors(self) -> int:
+        """Separately noised tensors of the local release (1: u and v clipped and noised jointly)."""
+        return 1
+
     def mechanism_for(self, client_id: int, nm_l: Optional[float] = None, nm_g: Optional[float] = None) -> BatchMechanism:
         """The :class:`BatchMechanism` client ``client_id``'s steps call (current multipliers by default)."""
         nm_l = self.nm_local if nm_l is None else nm_l
         nm_g = self.nm_global if nm_g is None else nm_g
-        return self.batch_mechanism(self._parts(nm_l, nm_g), self.q[client_id],
-                                    "poisson" if self.sampling == "poisson" else "shuffle", self.unit, self.micro)
+        return self._mechanism(client_id, self._parts(nm_l, nm_g))
+
+    def _mechanism(self, client_id: int, parts: tuple[GaussianRelease, ...]) -> BatchMechanism:
+        return self.batch_mechanism(parts, self.q[client_id], "poisson" if self.sampling == "poisson" else "shuffle",
+                                    self.unit, self.micro)
+
+    @staticmethod
+    def _grads_by_part(mech: BatchMechanism, local: dict[str, torch.Tensor],
+                       global_: Optional[torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """The release's input: ``local`` and ``{"G": global_}`` for the parts ``mech`` has."""
+        grads: dict[str, dict[str, torch.Tensor]] = {}
+        if mech.part("local") is not None:
+            grads["local"] = local
+        if mech.part("global") is not None:
+            grads["global"] = {"G": global_}
+        return grads
 
     def _server_events(self, nm_g: float) -> tuple[dp_event.DpEvent, dp_event.DpEvent]:
         """(example-level event for one contributing client, client-level event) of one client-level round."""
@@ -196,8 +214,7 @@ class DPPrivacy(Privacy):
         out: Plan = []
         parts = tuple(r for r in self._parts(nm_l, nm_g) if not math.isinf(r.noise_multiplier))
         if parts and steps:
-            mech = self.batch_mechanism(parts, self.q[client_id], "poisson" if self.sampling == "poisson" else "shuffle",
-                                        self.unit, self.micro)
+            mech = self._mechanism(client_id, parts)
             count = steps if self.sampling == "poisson" else self._epochs(client_id, steps)
             out.append((mech.joint_event, count))
         if self.client_level and rounds and nm_g is not None and not math.isinf(nm_g):
@@ -294,11 +311,7 @@ class DPPrivacy(Privacy):
 
     def release(self, client, local, global_, protocol):
         mech = self.mechanisms[client.id]
-        grads: dict[str, dict[str, torch.Tensor]] = {}
-        if mech.part("local") is not None:
-            grads["local"] = local
-        if mech.part("global") is not None:
-            grads["global"] = {"G": global_}
+        grads = self._grads_by_part(mech, local, global_)
         norm = self._normaliser(client)
         out_local: dict[str, torch.Tensor] = {}
         if mech.releases:  # (client-level DP of a global-only method releases nothing per batch)
@@ -500,15 +513,8 @@ class ReferencePrivacy(DPPrivacy):
         return ("replace-one example (shuffled batches, one exposure per epoch by parallel composition; "
                 "batch-mean clipping: sensitivity 2C)")
 
-    def _parts(self, nm_l, nm_g):
-        parts = []
-        if self.has_local:
-            parts.append(GaussianRelease("local", nm_l, self.C, self.sens,
-                                         tensors=2 if self.method.low_rank else 1))
-        if self.has_global_batch:
-            parts.append(GaussianRelease("global", nm_g, self.C, self.sens,
-                                         noise_at="server" if self.protocol == "grad" else "client"))
-        return tuple(parts)
+    def _local_tensors(self) -> int:
+        return 2 if self.method.low_rank else 1  # the public code clips and noises u and v on their own
 
     def _noise_multipliers(self, p):
         self.sigma = reference_sigma(p.epsilon, self.rounds, p.delta)
@@ -528,12 +534,7 @@ class ReferencePrivacy(DPPrivacy):
 
     def release(self, client, local, global_, protocol):
         mech = self.mechanisms[client.id]
-        grads = {}
-        if mech.part("local") is not None:
-            grads["local"] = local
-        if mech.part("global") is not None:
-            grads["global"] = {"G": global_}
-        rel = mech(grads, 1.0, self.source, self.client_gens[client.id],
+        rel = mech(self._grads_by_part(mech, local, global_), 1.0, self.source, self.client_gens[client.id],
                    first_of_epoch=client.sampler.last_started_epoch)
         self.draws += rel.draws
         self.ledger.record(f"client{client.id}/batch", rel.event)

@@ -100,23 +100,20 @@ class PrivacyLedger:
 
     def composition(self, subjects: Union[str, Sequence[str]]) -> list[tuple[dp_event.DpEvent, int]]:
         """Every ``(event, count)`` recorded under ``subjects`` (a name or a list of names)."""
-        return self._composition(subjects)
-
-    def _composition(self, subjects: Union[str, Sequence[str]]) -> list[tuple[dp_event.DpEvent, int]]:
         subs = [subjects] if isinstance(subjects, str) else list(subjects)
         return [(e.event, e.count) for s in subs for e in self._entries.get(s, [])]
 
     def rdp_epsilon(self, subjects: Union[str, Sequence[str]], delta: float) -> float:
         """RDP epsilon of the composition of all events of ``subjects``."""
-        return rdp_epsilon(self._composition(subjects), delta)
+        return rdp_epsilon(self.composition(subjects), delta)
 
     def pld_epsilon(self, subjects: Union[str, Sequence[str]], delta: float) -> float:
         """PLD epsilon of the composition of all events of ``subjects`` (slower, tighter)."""
-        return pld_epsilon(self._composition(subjects), delta)
+        return pld_epsilon(self.composition(subjects), delta)
 
     def epsilon(self, subjects: Union[str, Sequence[str]], delta: float,
                 accountant: str = "rdp") -> float:
-        return epsilon(self._composition(subjects), delta, accountant)
+        return epsilon(self.composition(subjects), delta, accountant)
 
     def client_subjects(self) -> dict[str, list[str]]:
         """``{'client3': ['client3/batch', 'client3/server'], ...}``."""
@@ -146,7 +143,7 @@ class PrivacyLedger:
         """True iff composing ``extra_events`` with the subjects' spent budget gives eps above
         ``epsilon_budget`` (relative float slack 1e-9). Call before a release."""
         budget = check_epsilon(epsilon_budget, "epsilon budget")
-        comp = self._composition(subject_or_subjects) + as_composition(extra_events)
+        comp = self.composition(subject_or_subjects) + as_composition(extra_events)
         return epsilon(comp, delta, accountant) > budget * (1 + BUDGET_SLACK)
 
     def check_budget(self, subject_or_subjects: Union[str, Sequence[str]], extra_events: Composition,
