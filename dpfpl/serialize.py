@@ -1,7 +1,7 @@
 """Pickle-free serialisation of nested state: tensors in safetensors, everything else in JSON.
 
 Used for everything that crosses a process (Flower messages) and for state read back from disk, so
-that no peer or file can run code on load (``torch.load(weights_only=False)`` / pickle can).
+that no peer or file can run code on load (a full pickle load can).
 :func:`pack` accepts dicts (any JSON-able keys: str, int, float, bool, None), lists, tuples (read
 back as lists), tensors, Python scalars and strings; :func:`unpack` is its inverse. Tensors are
 stored contiguous on the CPU; a tensor's dtype and shape come back exactly.
