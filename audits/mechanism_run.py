@@ -47,9 +47,8 @@ __all__ = ["BIG", "rebuild_privacy", "dirac_release", "reference_release", "llr_
 BIG = 1000.0  # canary norm / C
 
 
-def _coords_per_call(q: float) -> int:
-    """Coordinates per mechanism call: the dense (rows ~ q k, k) batch costs ~ q k^2."""
-    return int(min(8192, max(256, math.sqrt(4e5 / max(q, 1e-3)))))
+PRESENT_PER_CALL = 512      # Dirac canaries per call when every row is a canary: (k+1, k) dense rows
+ABSENT_PER_CALL = 1 << 17   # coordinates per call of a batch without the canary (one zero-gradient row)
 
 
 def dirac_release(mech: BatchMechanism, steps: int, source: Optional[NoiseSource] = None) -> ReleaseFn:
@@ -57,7 +56,14 @@ def dirac_release(mech: BatchMechanism, steps: int, source: Optional[NoiseSource
 
     Observations: each noised part's released coordinate of the canary, in units of C (normaliser 1).
     Poisson: canary world = canary in with prob. q each step, other world = no canary. Shuffle: one
-    step per epoch, canary world +canary, other world the replacing example -canary."""
+    step per epoch, canary world +canary, other world the replacing example -canary.
+
+    Every (trial, step) pair is one coordinate of one real call of the mechanism. The pairs whose
+    batch holds the canary go to calls whose rows are those canaries (orthogonal Diracs, so each
+    coordinate is its own pair's release: per-example clipping and the noise are coordinate-wise
+    independent) plus the zero-gradient example; the pairs without the canary go to calls on a batch
+    of one zero-gradient example over many coordinates (linear cost). The inclusion coin of each pair
+    is drawn before the calls, i.i.d. Bernoulli(q), as Poisson sampling draws it."""
     if mech.clip_unit != "example":
         raise ConfigError(f"the mechanism audit's Dirac worst case needs per-example clipping, not {mech.clip_unit!r} "
                           "(the replay check covers group units)")
@@ -66,15 +72,8 @@ def dirac_release(mech: BatchMechanism, steps: int, source: Optional[NoiseSource
     poisson = mech.sampling == "poisson"
     q = mech.sampling_rate if poisson else 1.0
 
-    def block(neighbour: bool, k: int, rng: np.random.Generator) -> np.ndarray:
-        if poisson:
-            idx = np.nonzero(rng.random(k) < q)[0] if neighbour else np.zeros(0, dtype=np.int64)
-            rows = len(idx) + 1  # + one example of zero gradient (the rest of the batch)
-            canary = torch.zeros(rows, k)  # (rows, k)
-            canary[torch.arange(len(idx)), torch.from_numpy(idx)] = BIG
-        else:
-            canary = torch.eye(k) * (BIG if neighbour else -BIG)  # (k, k): pair j's example on row j
-            rows = k
+    def call(canary: torch.Tensor) -> np.ndarray:  # canary: (rows, k) -> (k, P) released coordinates / C
+        rows, k = canary.shape
         grads = {r.part: {"c": canary * r.clip_norm, "z": torch.zeros(rows, 2)} for r in mech.releases}
         out = mech(grads, 1.0, src, gen, positions=torch.arange(rows), first_of_epoch=True)
         cols = []
@@ -86,9 +85,26 @@ def dirac_release(mech: BatchMechanism, steps: int, source: Optional[NoiseSource
             cols.append(v["c"].double().numpy() / r.clip_norm)  # (k,)
         return np.stack(cols, -1)  # (k, P)
 
+    def with_canaries(n: int, sign: float) -> np.ndarray:  # n pairs whose batch holds the canary
+        out = []
+        for a in range(0, n, PRESENT_PER_CALL):
+            k = min(PRESENT_PER_CALL, n - a)
+            rows = torch.cat([torch.eye(k) * (sign * BIG), torch.zeros(1, k)])  # (k+1, k): + the zero example
+            out.append(call(rows))
+        return np.concatenate(out) if out else np.zeros((0, len(mech.releases)))
+
+    def without_canary(n: int) -> np.ndarray:  # n pairs whose batch is the zero-gradient example alone
+        out = [call(torch.zeros(1, min(ABSENT_PER_CALL, n - a))) for a in range(0, n, ABSENT_PER_CALL)]
+        return np.concatenate(out) if out else np.zeros((0, len(mech.releases)))
+
     def release(neighbour: bool, trials: int, rng: np.random.Generator) -> np.ndarray:
-        K, k = trials * steps, _coords_per_call(q)
-        obs = np.concatenate([block(neighbour, min(k, K - a), rng) for a in range(0, K, k)])  # (K, P)
+        K = trials * steps
+        if not poisson:  # replace-one: the canary or its opposite in every pair's batch
+            return with_canaries(K, 1.0 if neighbour else -1.0).reshape(trials, steps, -1)
+        present = (rng.random(K) < q) if neighbour else np.zeros(K, dtype=bool)
+        obs = np.empty((K, len(mech.releases)))
+        obs[present] = with_canaries(int(present.sum()), 1.0)
+        obs[~present] = without_canary(int((~present).sum()))
         return obs.reshape(trials, steps, -1)
 
     return release

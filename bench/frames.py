@@ -25,7 +25,7 @@ from .labels import CLIP, NONE, level_of, level_sort_key, series_of
 #: Metrics read as numbers (missing -> NaN; "inf"/"Infinity" -> inf).
 NUMERIC = ["local_acc", "neighbor_acc", "val_local_acc", "val_neighbor_acc", "wall_s", "epsilon_target",
            "epsilon_rdp", "epsilon_pld", "epsilon_claimed", "audit_auc", "audit_tpr_at_1pct_fpr",
-           "audit_eps_lower_bound", "noise_multiplier_local", "noise_multiplier_global", "cell_wall_s",
+           "audit_eps_lower_bound", "mechanism_eps_lower_bound", "noise_multiplier_local", "noise_multiplier_global", "cell_wall_s",
            "steps_per_s", "examples_per_s", "step_ms_median", "peak_mem_mb", "lr", "zeroshot_local_acc",
            "zeroshot_neighbor_acc"]
 #: Columns of runs.csv that are never grid axes.

@@ -145,6 +145,16 @@ class Cell:
                 "method": self.method, "epsilon": self.epsilon, "seed": self.seed}
 
 
+def _known_attacks() -> Optional[tuple[str, ...]]:
+    """Membership and mechanism-level attack names, or None without the audits package."""
+    try:
+        from audits.attacks import ATTACKS
+        from audits.mechanism_run import MECHANISM_ATTACKS
+    except ImportError:
+        return None
+    return tuple(ATTACKS) + tuple(MECHANISM_ATTACKS)
+
+
 @dataclass
 class GridSpec:
     name: str
@@ -166,7 +176,7 @@ class GridSpec:
     notes: list[str] = field(default_factory=list)
     audit: bool = True   # run the audit hook when audits are available
     audit_attacks: list[str] = field(default_factory=lambda: ["loss"])  # attacks of the audited cells
-    audit_options: dict[str, Any] = field(default_factory=dict)         # audits.audit.AuditSettings fields
+    audit_options: dict[str, Any] = field(default_factory=dict)         # AuditSettings fields + mechanism_trials/_seed
     audit_seeds: Optional[list[int]] = None  # audit only the cells of these seeds (None: all)
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -264,6 +274,11 @@ class GridSpec:
         RunConfig().update({**self.base, **self.nonprivate_base}, source=f"bench grid {self.name} base")
         if not self.seeds:
             raise ConfigError(f"bench grid {self.name}: no seeds")
+        known = _known_attacks()
+        if known is not None:
+            bad = [a for a in self.audit_attacks if a not in known]
+            if bad:
+                raise ConfigError(f"bench grid {self.name}: audit attack {bad[0]!r} is unknown; valid: {', '.join(known)}")
         return self
 
     def tuned_for(self, method: str, eps: Any) -> dict[str, Any]:

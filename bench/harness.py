@@ -38,6 +38,7 @@ from typing import Any, Callable, Optional, Sequence
 from dpfpl.errors import ConfigError
 from dpfpl.rundir import atomic_write_json
 
+from .audit_hook import find_audit_hook, normalize_audit, run_audit
 from .grid import Cell, GridSpec, eps_label
 from .timing import PeakMemory, Stopwatch, device_name
 
@@ -75,55 +76,7 @@ class Resources:
         return self._data[key]
 
 
-# ------------------------------------------------------------------------------------ audit hook
-
-AUDIT_KEYS = ("auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "eps_lower_bound", "confidence", "bound_sound",
-              "epsilon_spent", "epsilon_claimed", "flags")
-
-
-def find_audit_hook() -> Optional[Callable[..., dict]]:
-    """:func:`audits.audit.audit_run_dir` (``hook(run_dir, settings=, clip=, dataset=) -> report``),
-    or None where the audits package cannot be imported (the grid then runs without audits)."""
-    try:
-        from audits.audit import audit_run_dir
-    except ImportError:
-        return None
-    return audit_run_dir
-
-
-def _pick(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (float(d[k]) if isinstance(d[k], (int, float)) and not isinstance(d[k], bool) else d[k])
-            for k in AUDIT_KEYS if k in d}
-
-
-def normalize_audit(result: dict[str, Any]) -> dict[str, Any]:
-    """The headline of an audit report (``audits`` report: ``attacks`` maps each attack to its
-    metrics): the strongest attack (highest eps lower bound, then AUC) under fixed names, every
-    attack's metrics under ``attacks``, and the strongest attack's ROC curve."""
-    attacks = {n: r for n, r in (result.get("attacks") or {}).items() if isinstance(r, dict) and "auc" in r}
-    if not attacks:
-        return {"error": "the audit report has no attack results"}
-    best = max(attacks, key=lambda n: (attacks[n].get("eps_lower_bound") or 0.0, attacks[n].get("auc") or 0.0))
-    out: dict[str, Any] = {**_pick(attacks[best]), "attack": best,
-                           "attacks": {n: _pick(r) for n, r in attacks.items()}}
-    roc = attacks[best].get("roc")
-    if isinstance(roc, dict) and "fpr" in roc and "tpr" in roc:
-        out["roc"] = {"fpr": [float(x) for x in roc["fpr"]], "tpr": [float(x) for x in roc["tpr"]]}
-    return out
-
-
-def run_audit(hook: Callable[..., Any], run_dir: Path, clip: Any, dataset: Any,
-              attacks: Sequence[str] = ("loss",), options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Audit a finished cell with ``attacks`` (and :class:`audits.audit.AuditSettings` ``options``);
-    writes ``run_dir/audit.json`` (the headline) beside the audit's own ``run_dir/audit/``."""
-    from audits.audit import AuditSettings
-
-    settings = AuditSettings(attacks=list(attacks), **(options or {}))
-    t0 = time.perf_counter()
-    res = normalize_audit(hook(run_dir, settings=settings, clip=clip, dataset=dataset))
-    res["audit_s"] = time.perf_counter() - t0
-    atomic_write_json(run_dir / "audit.json", res)
-    return res
+# audit hook: bench.audit_hook (membership and mechanism-level attacks)
 
 
 # ------------------------------------------------------------------------------------ one cell

@@ -6,8 +6,9 @@ folders each gets its own marker / line style and its label in the legend.
 - :func:`plot_acc_vs_eps`: local and neighbour accuracy vs eps per series; error bars are 95%
   t-intervals over seeds; "clipped, no noise" (eps = ∞) and "none" (raw non-private) are drawn
   right of the largest eps, in that order.
-- :func:`plot_eps_accounting`: target (or claimed) eps vs the accounted RDP and PLD eps (and the
-  audits' empirical lower bound), one point per series x level (mean over seeds).
+- :func:`plot_eps_accounting`: target (or claimed) eps vs the accounted RDP and PLD eps and the
+  audits' empirical lower bounds (membership attacks; the mechanism audit's sound bound), one point
+  per series x level (mean over seeds).
 - :func:`plot_rocs`: the audits' ROC curves (first seed of each series x level).
 """
 
@@ -112,7 +113,8 @@ def plot_acc_vs_eps(frames: dict[str, pd.DataFrame], path: Path, max_panels: int
 
 
 KINDS = [("epsilon_rdp", "accounted (RDP)", "o", "-"), ("epsilon_pld", "accounted (PLD)", "x", ":"),
-         ("audit_eps_lower_bound", "empirical (audit lower bound)", "v", "none")]
+         ("audit_eps_lower_bound", "empirical (membership audit, lower bound)", "v", "none"),
+         ("mechanism_eps_lower_bound", "empirical (mechanism audit, sound lower bound)", "^", "none")]
 
 
 def plot_eps_accounting(frames: dict[str, pd.DataFrame], path: Path) -> Optional[Path]:
@@ -147,7 +149,7 @@ def plot_eps_accounting(frames: dict[str, pd.DataFrame], path: Path) -> Optional
                     continue
                 ax.plot([x for x, _ in sel], [y if y > 0 else lo for _, y in sel], marker=marker,
                         ls=FOLDER_STYLES[fi % 4] if many and ls != "none" else ls, color=color(m, mi), ms=6,
-                        mfc="none" if marker == "v" else None)
+                        mfc="none" if marker in ("v", "^") else None)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_ylim(lo / 1.5, hi)
@@ -157,7 +159,7 @@ def plot_eps_accounting(frames: dict[str, pd.DataFrame], path: Path) -> Optional
     ax.grid(alpha=0.3, which="both")
     used = [k for k in KINDS if any(p[3] == k[0] for p in pts)]
     h1 = [Line2D([], [], color=color(m, i), lw=2, label=label(m)) for i, m in enumerate(methods)]
-    h2 = [Line2D([], [], color="grey", marker=mk, ls=ls, label=name, mfc="none" if mk == "v" else None)
+    h2 = [Line2D([], [], color="grey", marker=mk, ls=ls, label=name, mfc="none" if mk in ("v", "^") else None)
           for _, name, mk, ls in used] + [Line2D([], [], color="k", ls="--", lw=0.8, label="y = x")]
     if many:
         h2 += [Line2D([], [], color="grey", ls=FOLDER_STYLES[i % 4], label=f"folder: {f}")

@@ -237,6 +237,8 @@ def _cifar100() -> GridSpec:
 
 
 AUDIT_ATTACKS = ["loss", "shadow", "lira", "rmia", "canary", "gradient-canary"]
+MECHANISM_ATTACKS = ["mechanism", "replay"]  # private cells only (bench.audit_hook)
+MECHANISM_TRIALS = 1_000_000  # per world: sound bound / accounted eps ~0.7 at eps 4 and 1 (results/audits)
 
 
 def _audits() -> GridSpec:
@@ -249,12 +251,16 @@ def _audits() -> GridSpec:
         base={**g.base, "shots": 16, "rounds": 16, "eval_every": 16}, methods=["dpfpl"], epsilons=list(DEFAULT_EPSILONS), seeds=[0],
         private_base=g.private_base, nonprivate_base=g.nonprivate_base,
         blocks=[{"name": "reference mode", "epsilons": [e for e in DEFAULT_EPSILONS if e], "private_mode": "reference"}],
-        audit_attacks=list(AUDIT_ATTACKS), audit_options={"shadows": 4},
+        audit_attacks=list(AUDIT_ATTACKS) + MECHANISM_ATTACKS,
+        audit_options={"shadows": 4, "mechanism_trials": MECHANISM_TRIALS},
         notes=["The default task's recipe (see the default preset) with 16 training images per class (64 per "
                "client) and 16 rounds, so that every example is seen ~16 times (the default grid sees each "
                "example less than once, too little for any attack). DP-FPL only. Every cell is audited with "
                f"{', '.join(AUDIT_ATTACKS)} on client 0's personalised model (4 shadow / reference models, "
-               "trained on random halves of the client's candidate pool; 100 canaries for the one-run audits).",
+               "trained on random halves of the client's candidate pool; 100 canaries for the one-run audits). "
+               "Private cells also get the mechanism-level audits (`dpfpl audit RUN --attack mechanism --attack "
+               f"replay`, {MECHANISM_TRIALS:,} trials per world): a sound lower bound of the run's own release "
+               "code on its worst case, and the replay check of every release's sensitivity and noise.",
                "A lower bound above the accountant's eps in our DP mode would be a bug in the mechanism or the "
                "accountant; above the claimed eps in reference mode it refutes the public code's claim.",
                "Controls (`make audits` runs them into controls/): `dpfpl audit --train --control positive` "

@@ -42,7 +42,7 @@ from .tables import (Table, accuracy_table, audit_table, cost_table, privacy_tab
 CSV_COLUMNS = ["cell", "method", "epsilon", "seed", "dataset", "privacy", "level", "local_acc", "neighbor_acc",
                "wall_s", "zeroshot_local_acc", "zeroshot_neighbor_acc", "epsilon_target", "epsilon_rdp",
                "epsilon_pld", "epsilon_claimed", "audit_auc", "audit_tpr_at_1pct_fpr", "audit_eps_lower_bound",
-               "rounds", "client_steps", "train_s", "cell_wall_s", "steps_per_s", "examples_per_s",
+               "mechanism_eps_lower_bound", "mechanism_verdict", "replay_ok", "rounds", "client_steps", "train_s", "cell_wall_s", "steps_per_s", "examples_per_s",
                "step_ms_median", "peak_mem_mb", "mem_kind", "device", "torch_threads", "stopped_reason", "run_dir"]
 _SKIP_SUMMARY = {"local_acc_per_client", "neighbor_acc_per_client", "val_local_acc_per_client",
                  "val_neighbor_acc_per_client", "epsilon_spent"}
@@ -89,6 +89,8 @@ def collect_rows(cells: Sequence[Cell], runs_dir: Path) -> list[dict[str, Any]]:
             "epsilon_pld": _first(summary.get("epsilon_pld"), no_noise), "epsilon_claimed": summary.get("epsilon_claimed"),
             "audit_auc": audit.get("auc"), "audit_tpr_at_1pct_fpr": audit.get("tpr_at_1pct_fpr"),
             "audit_eps_lower_bound": audit.get("eps_lower_bound"), "audit_attack": audit.get("attack"),
+            "mechanism_eps_lower_bound": (audit.get("mechanism") or {}).get("eps_lower_bound"),
+            "mechanism_verdict": (audit.get("mechanism") or {}).get("verdict"), "replay_ok": audit.get("replay_ok"),
             "rounds": summary.get("rounds"), "client_steps": summary.get("client_steps"),
             "train_s": summary.get("train_s"),
             **{k: bench.get(k) for k in ("cell_wall_s", "steps_per_s", "examples_per_s", "step_ms_median",

@@ -225,8 +225,11 @@ def privacy_table(df: pd.DataFrame) -> Table:
     has_acc = "accountant" in df.columns and df["accountant"].notna().any()
     heads = ["dataset", *axes, "method", "eps target", "eps RDP", "eps PLD"] + (["calibrated by"] if has_acc else []) \
         + ["eps claimed", "noise mult. (local / global)"]
+    has_mech = "mechanism_eps_lower_bound" in df.columns and df["mechanism_eps_lower_bound"].notna().any()
     if has_audit:
         heads += ["audit AUC", "TPR@1%FPR", "empirical eps (lower bound)"]
+    if has_mech:
+        heads += ["mechanism audit eps (sound lower bound)"]
     body, data = [], []
     order = series_order(df["series"])
     if len(sel):
@@ -239,7 +242,8 @@ def privacy_table(df: pd.DataFrame) -> Table:
             g = groups.get_group(tuple(rec[k] for k in keys))
             vals = {c: _mean_col(g, c) for c in ("epsilon_rdp", "epsilon_pld", "epsilon_claimed",
                                                  "noise_multiplier_local", "noise_multiplier_global", "audit_auc",
-                                                 "audit_tpr_at_1pct_fpr", "audit_eps_lower_bound")}
+                                                 "audit_tpr_at_1pct_fpr", "audit_eps_lower_bound",
+                                                 "mechanism_eps_lower_bound")}
             acc = ", ".join(sorted({str(a) for a in g["accountant"].dropna()})) if has_acc else None
             cells = [str(rec["dataset"]), *[str(rec[a]) for a in axes], label(rec["series"]), level_label(rec["level"]),
                      fmt_num(vals["epsilon_rdp"]), fmt_num(vals["epsilon_pld"])] + ([acc or "-"] if has_acc else []) + \
@@ -248,12 +252,17 @@ def privacy_table(df: pd.DataFrame) -> Table:
             if has_audit:
                 cells += [fmt_num(vals["audit_auc"]), fmt_num(vals["audit_tpr_at_1pct_fpr"]),
                           fmt_num(vals["audit_eps_lower_bound"])]
+            if has_mech:
+                cells += [fmt_num(vals["mechanism_eps_lower_bound"])]
             body.append(cells)
             data.append({**rec, "n": len(g), **vals, **({"accountant": acc} if has_acc else {})})
     caption = ("Accounted eps for the whole run at the run's delta, by the RDP and the PLD accountant (dp-accounting) "
                "side by side" + ("; 'calibrated by': the accountant the noise was calibrated with" if has_acc else "")
                + "; 'claimed': the public code's closed-form eps (reference mode only); 'clipped, no noise' runs "
-               "have eps = ∞. Means over seeds.")
+               "have eps = ∞" + ("; 'mechanism audit': the sound lower bound of the run's own release code on its "
+                                  "worst case (`dpfpl audit RUN --attack mechanism`), to compare with the accounted "
+                                  "eps (DP mode) or the claim (reference mode)" if has_mech else "")
+               + ". Means over seeds.")
     return Table("privacy", "Privacy: target vs accounted" + (" vs empirical" if has_audit else "") + " eps", caption,
                  pd.DataFrame(body, columns=heads), data=pd.DataFrame(data))
 

@@ -145,3 +145,32 @@ def test_reference_claim_refuted_at_every_claim(make_cfg, claim):
     priv = build_dp_privacy(cfg, _engine("dpfpl", "grad", sizes=(8, 8)))
     r = audit_batch_mechanism(priv.mechanisms[0], 10, cfg.privacy.delta, 1000, claimed_eps=priv.claimed)
     assert r.verdict == "claim refuted" and r.eps_lower_bound > claim
+
+
+def test_bench_hook_runs_mechanism_attacks_and_the_report_shows_them(tiny_clip, tiny_dataset, make_cfg, tmp_path):
+    """The bench audit hook runs `mechanism`/`replay` on private cells (headline `mechanism`,
+    `replay_ok`, an `attacks.mechanism` row), skips them on non-private ones, and the report's
+    privacy table gains the sound mechanism bound."""
+    import pandas as pd
+
+    from bench.audit_hook import MECHANISM_ATTACKS, run_audit
+    from bench.tables import privacy_table
+    from audits.mechanism_run import MECHANISM_ATTACKS as AUDITS_MECH
+    from dpfpl.train import train
+
+    assert tuple(MECHANISM_ATTACKS) == tuple(AUDITS_MECH)
+    cfg = make_cfg(privacy="dp", method="dpfpl", noise_multiplier_local=1.0, noise_multiplier_global=1.5,
+                   accountant="rdp")
+    train(cfg, out=tmp_path / "dp", clip=tiny_clip, dataset=tiny_dataset)
+    head = run_audit(None, tmp_path / "dp", None, None, ["mechanism", "replay"], {"mechanism_trials": 3000})
+    m = head["mechanism"]
+    assert m["trials"] == 3000 and m["verdict"] == "consistent" and 0 <= m["eps_lower_bound"] <= m["claimed_eps"]
+    assert head["replay_ok"] is True and head["attacks"]["mechanism"]["bound_sound"] is True
+    assert json.loads((tmp_path / "dp" / "audit.json").read_text())["mechanism"]["eps_lower_bound"] == m["eps_lower_bound"]
+    assert (tmp_path / "dp" / "audit_mechanism" / "audit.json").is_file()
+    train(make_cfg(privacy="none", method="dpfpl"), out=tmp_path / "np", clip=tiny_clip, dataset=tiny_dataset)
+    assert "skipped" in run_audit(None, tmp_path / "np", None, None, ["mechanism"], {})["mechanism"]
+    df = pd.DataFrame({"dataset": ["d"], "series": ["dpfpl"], "level": ["4"], "epsilon_rdp": [4.0],
+                       "epsilon_pld": [3.9], "mechanism_eps_lower_bound": [m["eps_lower_bound"]]})
+    t = privacy_table(df)
+    assert "mechanism audit eps (sound lower bound)" in t.body.columns
