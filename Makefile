@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test bench audits microbench gpu-check clean
+.PHONY: setup test bench audits external-audits microbench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ audits: setup
 		$(BIN)/dpfpl audit $$d --attack mechanism --attack replay --out results/audits/mechanism/$$(basename $$d) \
 			| sed "s|^|$$(basename $$d): |" | tee -a results/audits/mechanism/summary.txt; \
 	done
+
+# Opacus / Flower / our mechanisms through the mechanism audit -> results/external/ (~10 min on 2 cores)
+external-audits: setup
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints-cpu.txt -e ".[bench]"
+	$(BIN)/python -m audits.external --out results/external
 
 microbench: setup
 	mkdir -p results/microbench

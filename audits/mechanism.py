@@ -39,7 +39,7 @@ from dpfpl.errors import ConfigError
 from .bounds import eps_lower_bound_from_roc, gaussian_eps
 
 __all__ = ["ReleaseFn", "ScoreFn", "MechanismAuditResult", "audit_mechanism", "gaussian_mixture_llr",
-           "sum_statistic", "gdp_estimate", "accounted_epsilon"]
+           "sum_statistic", "gdp_estimate", "accounted_epsilon", "neighbouring_release"]
 
 ReleaseFn = Callable[[bool, int, np.random.Generator], np.ndarray]  # -> (trials, T, P)
 ScoreFn = Callable[[np.ndarray], np.ndarray]                        # (trials, T, P) -> (trials,)
@@ -103,6 +103,31 @@ def gaussian_mixture_llr(mu_in: Sequence[float], mu_out: Sequence[float], stds: 
 
     score.__name__ = f"gaussian_mixture_llr(q={q:.4g})"
     return score
+
+
+def neighbouring_release(mechanism: Callable[[np.ndarray, np.random.Generator], np.ndarray],
+                         canary: Sequence[float], other: Sequence[float], steps: int = 1) -> ReleaseFn:
+    """Release function of a batched mechanism run on two neighbouring inputs.
+
+    ``mechanism(x, rng) -> (trials, P)`` releases one step for each row of ``x`` (trials, d): row t
+    is trial t's input. The canary world feeds ``canary`` (d,) to every trial, the other world
+    ``other`` (d,); each of the ``steps`` steps is a fresh call (fresh noise). Returns the
+    ``release(neighbour, trials, rng) -> (trials, steps, P)`` that :func:`audit_mechanism` takes.
+    The worst-case neighbours are the caller's choice (Nasr et al. 2023: a canary far outside the
+    clip norm, everything else zero).
+    """
+    if int(steps) != steps or steps < 1:
+        raise ConfigError(f"neighbouring_release: steps must be a positive integer, got {steps!r}")
+    xin, xout = (np.asarray(v, dtype=np.float64).reshape(-1) for v in (canary, other))
+    if xin.shape != xout.shape:
+        raise ConfigError(f"neighbouring_release: canary {xin.shape} and other {xout.shape} differ in shape")
+
+    def release(neighbour: bool, trials: int, rng: np.random.Generator) -> np.ndarray:
+        x = np.broadcast_to(xin if neighbour else xout, (trials, xin.size))  # (trials, d)
+        obs = [np.asarray(mechanism(x, rng), dtype=np.float64).reshape(trials, -1) for _ in range(int(steps))]
+        return np.stack(obs, 1)  # (trials, T, P)
+
+    return release
 
 
 def sum_statistic(obs: np.ndarray) -> np.ndarray:
