@@ -38,8 +38,9 @@ from .target import Signals
 __all__ = ["ATTACKS", "MIN_SHADOWS", "loss_attack", "shokri_attack", "lira_scores", "rmia_scores",
            "fit_logistic", "evaluate_scores", "check_shadow_count"]
 
-ATTACKS = ("loss", "shadow", "lira", "rmia", "canary", "gradient-canary")
-MIN_SHADOWS = {"loss": 0, "shadow": 1, "lira": 2, "rmia": 1, "canary": 0, "gradient-canary": 0}
+ATTACKS = ("loss", "shadow", "lira", "rmia", "canary", "gradient-canary", "whitebox", "final-cosine")
+MIN_SHADOWS = {"loss": 0, "shadow": 1, "lira": 2, "rmia": 1, "canary": 0, "gradient-canary": 0, "whitebox": 0,
+               "final-cosine": 0}
 FIXED_VARIANCE_BELOW = 32  # LiRA "auto" variance: global below this many shadows
 
 

@@ -65,6 +65,8 @@ class AuditSettings:
     delta: Optional[float] = None          # default: the run's privacy.delta
     canaries: Optional[int] = None         # default: min(100, what the data allows)
     canary_kind: str = "mislabel"
+    canary_data: str = "zero"              # whitebox / final-cosine: "zero" (other examples' gradients 0) or "real"
+    canary_directions: str = "orthonormal" # whitebox: "orthonormal" or "coordinate" (Dirac)
     lira_variance: str = "auto"
     rmia_gamma: float = 1.0
     rmia_offline_a: float = 0.3
@@ -102,6 +104,13 @@ class AuditSettings:
             raise ConfigError(f"--canaries must be a positive integer, got {self.canaries!r}")
         if self.canary_kind not in CANARY_KINDS:
             raise ConfigError(f"--canary-kind {self.canary_kind!r}: expected one of {list(CANARY_KINDS)}")
+        from .canary_directions import DIRECTION_KINDS
+        from .whitebox_steps import CANARY_DATA
+
+        if self.canary_data not in CANARY_DATA:
+            raise ConfigError(f"--canary-data {self.canary_data!r}: expected one of {list(CANARY_DATA)}")
+        if self.canary_directions not in DIRECTION_KINDS:
+            raise ConfigError(f"--canary-directions {self.canary_directions!r}: expected one of {list(DIRECTION_KINDS)}")
         if not 0 < self.population_fraction < 1:
             raise ConfigError(f"population_fraction must be in (0, 1), got {self.population_fraction!r}")
         if isinstance(self.seed, bool) or int(self.seed) != self.seed or self.seed < 0:
@@ -481,11 +490,49 @@ def _run_attacks(prep: Prepared, s: AuditSettings, out: Path, prog: _Progress) -
             "gradient-canary: WHITE-BOX adversary who sees every global-prompt broadcast (stronger than the paper's "
             "downstream user); Dirac-style gradient canaries in the audited client's global contributions; "
             "one extra training run; compared with the global mechanism's accountant eps")
+    if "whitebox" in s.attacks:
+        from .whitebox_steps import run_whitebox
+
+        prog.log("training the white-box canary run")
+        r = run_whitebox(world, prep.recipe, d.base_sets, d.classes, d.clients, s.canaries, seed=derive_seed(s.seed, 9),
+                         delta=delta, confidence=s.confidence, cache=cache, data=s.canary_data,
+                         kind=s.canary_directions, untrained=prep.untrained,
+                         on_step=prog.stepper(prep.recipe.train.rounds, "white-box canary run"))
+        _finish_canary_attack(r, prep, "spent")
+        results["whitebox"] = r
+        extra_notes.append(
+            "whitebox: WHITE-BOX adversary who sees every step's noised release (local and global parts) and chooses "
+            f"gradients; {r['m']} secret {s.canary_directions} gradient canaries, each in the audited client's data by "
+            f"a fair coin, other examples' gradients {'zero on the noised parts' if s.canary_data == 'zero' else 'real'}; "
+            "per-step likelihood-ratio scores; compared with the batch mechanism's accountant eps")
+    if "final-cosine" in s.attacks:
+        from .final_cosine import run_final_cosine
+
+        prog.log("training the final-cosine canary run")
+        r = run_final_cosine(world, prep.recipe, d.base_sets, d.classes, d.clients, s.canaries,
+                             seed=derive_seed(s.seed, 10), delta=delta, confidence=s.confidence, cache=cache,
+                             data=s.canary_data, untrained=prep.untrained,
+                             on_step=prog.stepper(prep.recipe.train.rounds, "final-cosine canary run"))
+        _finish_canary_attack(r, prep, "global")
+        results["final-cosine"] = r
+        extra_notes.append(
+            "final-cosine: adversary who sees the FINAL global prompt only (minus its public initial value); random "
+            "unit canaries all inserted; exact null of the cosine of an unseen random direction (Andrew et al. 2024)")
     if "canary" in s.attacks:
         results_c, note = _canary_attack(prep, s, cache, delta, prog)
         results.update(results_c)
         extra_notes.append(note)
     return {"results": results, "delta": delta, "notes": extra_notes}
+
+
+def _finish_canary_attack(r: dict[str, Any], prep: Prepared, which: str) -> None:
+    """Accountant / claimed eps of a canary run's own summary beside its bound, and the flags."""
+    summ = r.pop("_summary")
+    priv = _privacy_info(summ, prep.recipe) if not summ.get("untrained") else prep.privacy
+    r["epsilon_spent"], r["epsilon_claimed"] = _eps_for(priv, "global" if which == "global" else "personalized")
+    r["epsilon_compared"] = ("epsilon_global (the released global prompt)" if which == "global" else
+                             "epsilon_spent (the batch mechanism: every release of the audited client's data)")
+    r["flags"] = flag_attack(r)
 
 
 def _canary_attack(prep: Prepared, s: AuditSettings, cache: ModelCache, delta: float,

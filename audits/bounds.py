@@ -44,6 +44,7 @@ __all__ = [
     "one_run_eps_lower_bound",
     "one_run_audit",
     "one_run_audit_search",
+    "one_run_ceiling",
     "default_one_run_levels",
     "gaussian_delta",
     "gaussian_eps",
@@ -462,6 +463,14 @@ def one_run_audit_search(scores: Any, is_member: Any, delta: float = 0.0,
     out.update({"confidence": c, "per_level_confidence": c_each, "n_levels": len(lv),
                 "all_levels": results})
     return out
+
+
+def one_run_ceiling(n_canaries: int, delta: float = 0.0, confidence: float = 0.95) -> float:
+    """The largest one-run bound ``n_canaries`` canaries can give: all m guessed, all correct
+    (:func:`one_run_eps_lower_bound` (m, m, m)). At 95% and delta = 0: 100 -> 3.49, 1000 -> 5.81.
+    An audit whose bound sits near this is limited by m, not by the mechanism."""
+    m = _check_count("n_canaries", n_canaries, minimum=1)
+    return one_run_eps_lower_bound(m, m, m, delta=delta, confidence=confidence)
 
 
 # --------------------------------------------------------------------------------------------

@@ -66,6 +66,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--audit-delta", type=float, default=None, help="delta of the bounds (default: the run's)")
     p.add_argument("--canaries", type=int, default=None, help="number of canaries (default: min(100, data))")
     p.add_argument("--canary-kind", choices=CANARY_KINDS, default="mislabel", help="canary kind (default mislabel)")
+    p.add_argument("--canary-data", choices=("zero", "real"), default="zero",
+                   help="whitebox / final-cosine: other examples' gradients on the noised parts, zero (an audit "
+                        "dataset chosen in gradient space) or real (default zero)")
+    p.add_argument("--canary-directions", choices=("orthonormal", "coordinate"), default="orthonormal",
+                   help="whitebox: secret orthonormal or coordinate (Dirac) canary directions (default orthonormal)")
     p.add_argument("--lira-variance", choices=("auto", "fixed", "per-example"), default="auto",
                    help="LiRA variance: fixed below 32 shadows when auto")
     p.add_argument("--no-cache", action="store_true", help="retrain shadow/target models even if cached")
@@ -143,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
         return 0 if not report["findings"] else 1
     settings = AuditSettings(attacks=args.attacks, shadows=args.shadows, client=args.client, target=args.target,
                              seed=args.audit_seed, confidence=args.confidence, delta=args.audit_delta,
-                             canaries=args.canaries, canary_kind=args.canary_kind, lira_variance=args.lira_variance,
+                             canaries=args.canaries, canary_kind=args.canary_kind, canary_data=args.canary_data,
+                             canary_directions=args.canary_directions, lira_variance=args.lira_variance,
                              progress=not args.no_progress, cache=not args.no_cache).validate()
     train_mode = args.train or args.control is not None
     cfg, overrides = config_from_args(args)
