@@ -9,7 +9,9 @@ gives the same batches; then ONE pass computes all gradients:
 - the contexts are stacked, ctx (K, n_ctx, D), and the frozen text encoder runs once on K x C
   sequences (:meth:`dpfpl.text.PromptTextEncoder.forward_stacked`) -> text features (K, C, E);
 - batches are padded to B_max = max_k B_k with a mask (Poisson sampling draws a different B_k per
-  client; padded rows get a zero cotangent / zero loss weight, so they contribute nothing);
+  client; padded rows get a zero cotangent / zero loss weight, so they contribute nothing); the
+  per-example "vjp" pass, whose cost grows with B_max, groups clients of similar B_k
+  (:func:`size_groups`: at most 1/8 of a group's pullbacks go to padding), one pass per group;
 - per example (DP): one ``torch.func.vjp`` of the stacked encoder and one ``vmap`` of its
   pullback over the B_max cotangents (K, C, E): client k's features depend only on ctx[k], so
   the pullback of row b gives every client's example-b gradient at once -> G (K, B_max, n_ctx, D);
@@ -23,7 +25,8 @@ own noise, in the same per-client order as the sequential path), ledger events a
 step. Contract: with the same seeds (reproducible noise) the prompts, accuracies and ledger equal
 the sequential path's up to float summation order (tests/test_vectorize.py, tolerance 1e-5).
 
-Fallback (sequential, stated by :func:`fallback_reason`): a method that trains nothing (zeroshot:
+One sampled client takes its sequential step (nothing to batch). Fallback for the whole run
+(sequential, stated by :func:`fallback_reason`): a method that trains nothing (zeroshot:
 no step runs at all), a method class with ``vectorizable = False`` (none of the built-in ones: every
 built-in method's trainable tensors enter only through ctx, :mod:`dpfpl.methods`), and
 ``vectorize_clients = false``. The Flower engine runs one ClientApp per client and ignores the option.
@@ -44,6 +47,7 @@ from .text import PromptTextEncoder
 __all__ = ["fallback_reason", "stacked_grads", "grad_step", "fedavg_round"]
 
 Grads = list[tuple[float, torch.Tensor]]  # per client: (its last_loss, its G)
+PAD_TOLERANCE = 0.125  # per-example "vjp": clients whose batch sizes differ by up to 1/8 share one pass
 
 
 def fallback_reason(method, vectorize: bool) -> Optional[str]:
@@ -141,15 +145,38 @@ def _per_example_grads(enc, ctx, feats, labels, mask, sizes, scale: float, strat
     strategy = strategy or DEFAULTS["strategy"]
     if strategy not in STRATEGIES:
         raise ValueError(f"per-example strategy {strategy!r} is not one of {list(STRATEGIES)}")
-    # a vmapped unit here is K times one client's (K x C sequences): scale the chunk down
-    chunk = chunk_size or DEFAULTS["chunk_size"] or max(1, auto_chunk(enc) // K)
     ctx = ctx.detach()
+    out: Grads = [(float("nan"), torch.zeros(0, *ctx.shape[1:], dtype=ctx.dtype, device=ctx.device))] * K
     with sdpa_kernel(SDPBackend.MATH):
         if strategy == "auto":
             strategy = "vjp" if B <= _out_dim(enc) else choose_strategy(enc, ctx[0], B)
+        # "vjp" costs B_max pullbacks of the whole group: clients of similar B_k go together;
+        # "jacobian" costs E pullbacks whatever B is: one group
+        groups = size_groups(sizes) if strategy == "vjp" else [[k for k in range(K) if sizes[k]]]
         fn = _vjp_grads if strategy == "vjp" else _jacobian_grads
-        losses, G = fn(enc, ctx, feats, labels, mask, scale, chunk)  # (K, B), (K, B, n_ctx, D)
-    return [(float(losses[k, :b].mean()) if b else float("nan"), G[k, :b]) for k, b in enumerate(sizes)]
+        for idx in groups:
+            b = max(sizes[k] for k in idx)
+            # a vmapped unit here is len(idx) times one client's (len(idx) x C sequences): scale the chunk
+            chunk = chunk_size or DEFAULTS["chunk_size"] or max(1, auto_chunk(enc) // len(idx))
+            sel = torch.as_tensor(idx, device=ctx.device)
+            losses, G = fn(enc, ctx[sel], feats[sel, :b], labels[sel, :b], mask[sel, :b], scale, chunk)
+            for j, k in enumerate(idx):  # losses (k, b), G (k, b, n_ctx, D)
+                out[k] = (float(losses[j, :sizes[k]].mean()), G[j, :sizes[k]])
+    return out
+
+
+def size_groups(sizes: Sequence[int], tolerance: float = PAD_TOLERANCE) -> list[list[int]]:
+    """Indices of the non-empty batches grouped by size, largest first: a group whose largest batch
+    has b0 examples takes every batch of at least (1 - tolerance) b0, so the pullbacks spent on
+    padding stay below tolerance / (1 - tolerance) of the real ones."""
+    order = sorted((k for k in range(len(sizes)) if sizes[k]), key=lambda k: -sizes[k])
+    groups: list[list[int]] = []
+    for k in order:
+        if groups and sizes[k] >= (1 - tolerance) * sizes[groups[-1][0]]:
+            groups[-1].append(k)
+        else:
+            groups.append([k])
+    return groups
 
 
 def stacked_grads(clients: Sequence[Client], pendings: Sequence[PendingStep]) -> Grads:
@@ -168,7 +195,11 @@ def stacked_grads(clients: Sequence[Client], pendings: Sequence[PendingStep]) ->
 
 
 def grad_step(clients: Sequence[Client], p_G: torch.Tensor) -> list[Contribution]:
-    """One local step of every client at p_G (grad protocol): their contributions, in order."""
+    """One local step of every client at p_G (grad protocol): their contributions, in order.
+    One client: its own sequential step (nothing to batch)."""
+    if len(clients) == 1:
+        contrib = clients[0].step(p_G)
+        return [contrib] if contrib is not None else []
     pendings = [c.prepare(p_G) for c in clients]
     contribs = []
     for c, p, (loss, G) in zip(clients, pendings, stacked_grads(clients, pendings)):
@@ -182,7 +213,13 @@ def grad_step(clients: Sequence[Client], p_G: torch.Tensor) -> list[Contribution
 def fedavg_round(clients: Sequence[Client], p_G: torch.Tensor, steps: int,
                  on_step: Optional[Callable[[int, int], None]] = None) -> list[Contribution]:
     """``steps`` local steps of every client on its own copy of p_G, the clients in lockstep (one
-    batched pass per step); returns each client's contribution, in order."""
+    batched pass per step); returns each client's contribution, in order. One client: its own
+    sequential round."""
+    if len(clients) == 1:
+        contrib = clients[0].fedavg_round(p_G, steps)
+        if on_step:
+            on_step(steps, steps)
+        return [contrib]
     runs = [c.fedavg_start(p_G) for c in clients]
     for s in range(steps):
         pendings = [c.prepare(r.param) for c, r in zip(clients, runs)]

@@ -127,15 +127,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("strategy", ["vjp", "jacobian"])
 def test_stacked_per_example_grads_equal_single(tiny_clip, strategy):
-    """Padded batches of sizes 5, 0, 2: each client's per-example gradients and loss equal
-    dpfpl.grads.per_example_ctx_grads on its own batch; the batch means equal batch_ctx_grad."""
+    """Padded batches of sizes 8, 0, 7, 3 (vjp: groups {8, 7} padded to 8, and {3}): each client's
+    per-example gradients and loss equal dpfpl.grads.per_example_ctx_grads on its own batch; the
+    batch means equal batch_ctx_grad."""
     enc = PromptTextEncoder(tiny_clip, CLASSNAMES, n_ctx=4)
     g = torch.Generator().manual_seed(1)
-    sizes = [5, 0, 2]
+    sizes = [8, 0, 7, 3]
+    assert vectorized.size_groups(sizes) == [[0, 2], [3]]
     pend = [PendingStep(F.normalize(torch.randn(b, 64, generator=g), dim=-1), torch.randint(0, 8, (b,), generator=g),
                         None, torch.randn(4, enc.width, generator=g) * 0.02) for b in sizes]
     feats, labels, mask, got_sizes = vectorized._padded(pend)
-    assert got_sizes == sizes and feats.shape == (3, 5, 64) and mask.sum() == 7
+    assert got_sizes == sizes and feats.shape == (4, 8, 64) and mask.sum() == 18
     ctx = torch.stack([p.ctx for p in pend])  # (K, n_ctx, D)
     per = vectorized._per_example_grads(enc, ctx, feats, labels, mask, sizes, 30.0, strategy, None)
     mean = vectorized._batch_mean_grads(enc, ctx, feats, labels, mask, sizes, 30.0)
@@ -151,6 +153,17 @@ def test_stacked_per_example_grads_equal_single(tiny_clip, strategy):
             assert G.abs().sum() > 0
         else:
             assert loss != loss and float(mG.abs().sum()) == 0.0  # nan loss, zero gradient
+
+
+def test_size_groups_bound_padding():
+    assert vectorized.size_groups([16, 15, 14, 13, 0, 20, 1]) == [[5], [0, 1, 2], [3], [6]]
+    assert vectorized.size_groups([0, 0]) == []
+    sizes = [12, 19, 16, 16, 22, 9, 17, 14, 18, 20]
+    groups = vectorized.size_groups(sizes)
+    assert sorted(k for gr in groups for k in gr) == list(range(len(sizes)))
+    for gr in groups:  # padded pullbacks <= 1/7 of the real ones
+        real = sum(sizes[k] for k in gr)
+        assert len(gr) * max(sizes[k] for k in gr) - real <= real / 7
 
 
 def test_option_and_fallback(make_cfg, tiny_clip, tiny_dataset):
