@@ -2,7 +2,7 @@
 
     make microbench        # = python -m pytest bench --benchmark-only --benchmark-enable -q
 
-Covered: one training step per method, private and not; per-example vs batch gradients; the
+Covered: one training step per method, private and not; a 16-client round, sequential vs vectorised; per-example vs batch gradients; the
 power-iteration factorisation; the accountant (RDP, PLD, calibration); the text encoder with and
 without the end-of-text cut; minibatch features with the image-feature cache on and off.
 
@@ -185,3 +185,18 @@ def test_feature_store(benchmark, cache, clip, dataset):
     idx = torch.arange(32)
     _info(benchmark, cache=cache, batch_size=32)
     benchmark.pedantic(_synced(lambda: store.get("train", idx)), rounds=20, warmup_rounds=2, iterations=1)
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["sequential", "vectorized"])
+@pytest.mark.parametrize("private", [False, True], ids=["nonprivate", "dp"])
+def test_round_clients(benchmark, private, vectorize, clip):
+    """One training round of 16 clients (dpfpl, batch 16 Poisson, 1 local step), the clients one
+    after another vs in one batched pass (train.vectorize_clients); ``python -m bench.vectorize``
+    sweeps the client count and writes the speedup table."""
+    from bench.vectorize import _dataset, _engines
+
+    K = 16
+    eng = _engines(K, private, clip, _dataset(K))[vectorize]
+    eng.train_round()
+    _info(benchmark, clients=K, private=private, vectorize=vectorize)
+    benchmark.pedantic(_synced(eng.train_round), rounds=3 if private else 10, warmup_rounds=0, iterations=1)

@@ -3,7 +3,9 @@
 Rounds: the server samples clients; under the ``grad`` protocol each of the K local steps has every
 sampled client take one step at the same p_G, then the server applies the aggregated global
 gradient; under ``fedavg`` each sampled client trains K steps on its own copy and the server
-averages the copies. After every ``eval_every`` rounds (and the last) each client is evaluated on
+averages the copies. With ``train.vectorize_clients`` (default) the sampled clients' step runs as
+one batched pass (:mod:`dpfpl.vectorized`; each client's release, noise and update unchanged),
+else client by client. After every ``eval_every`` rounds (and the last) each client is evaluated on
 its local test set (its own classes) and neighbour test set (the other clients' classes); both
 classify among ALL the dataset's classes. Callbacks (run directory writer, progress display) are
 kept out of the engine: ``on_round_end(engine, row)``.
@@ -18,6 +20,7 @@ from typing import Any, Callable, Optional, Protocol
 import numpy as np
 import torch
 
+from . import vectorized
 from .clip import FrozenClip, load_clip
 from .config import RunConfig
 from .data import load_run_dataset, partition
@@ -116,12 +119,19 @@ class Engine(EngineRecord):
         self.clients = [Client(cd, self.method, self.enc, self.store, self.scale, self.settings, self.privacy,
                                seed=int(seeds[4 + i])) for i, cd in enumerate(self.clients_data)]
         self.privacy.attach(self.clients)
+        # None: the sampled clients' steps run as one batched pass (dpfpl.vectorized)
+        self.sequential_reason = vectorized.fallback_reason(self.method, t.vectorize_clients)
         self.round = 0
         self.history: list[dict[str, Any]] = []
         self.stopped_reason: Optional[str] = None
         self._zeroshot = self._evaluate_features(lambda c: template_features(self.clip, self.dataset.classnames))
 
     # ------------------------------------------------------------------ training
+    @property
+    def vectorized(self) -> bool:
+        """Do the sampled clients step in one batched pass (else why not: ``sequential_reason``)."""
+        return self.sequential_reason is None
+
     @property
     def total_rounds(self) -> int:
         return self.cfg.train.rounds if self.method.trainable else 0
@@ -138,21 +148,30 @@ class Engine(EngineRecord):
             self.stopped_reason = reason
             return None
         losses = []
+        clients = [self.clients[i] for i in sampled]
+        vec = self.vectorized
         if self.protocol == "grad":
             for s in range(self.local_steps):
-                contribs = [c for c in (self.clients[i].step(self.server.p_G) for i in sampled) if c is not None]
+                if vec:
+                    contribs = vectorized.grad_step(clients, self.server.p_G)
+                else:
+                    contribs = [c for c in (cl.step(self.server.p_G) for cl in clients) if c is not None]
                 if contribs:
                     self.server.apply_gradients(contribs)
-                losses.append(np.nanmean([self.clients[i].last_loss for i in sampled]))
+                losses.append(np.nanmean([c.last_loss for c in clients]))
                 if on_step:
                     on_step(s + 1, self.local_steps)
+        elif vec:
+            contribs = vectorized.fedavg_round(clients, self.server.p_G, self.local_steps, on_step)
+            losses = [c.last_loss for c in clients]
+            self.server.apply_parameters(contribs)
         else:
             contribs = []
-            for k, i in enumerate(sampled):
-                contribs.append(self.clients[i].fedavg_round(self.server.p_G, self.local_steps))
-                losses.append(self.clients[i].last_loss)
+            for k, c in enumerate(clients):
+                contribs.append(c.fedavg_round(self.server.p_G, self.local_steps))
+                losses.append(c.last_loss)
                 if on_step:
-                    on_step(k + 1, len(sampled))
+                    on_step(k + 1, len(clients))
             self.server.apply_parameters(contribs)
         self.round += 1
         row: dict[str, Any] = {"round": self.round, "clients": sampled,

@@ -26,7 +26,7 @@ import torch
 from .data.partition import ClientData
 from .features import FeatureStore
 from .grads import batch_ctx_grad, per_example_ctx_grads
-from .methods import Method
+from .methods import LocalView, Method
 from .sampling import BatchSampler
 from .text import PromptTextEncoder
 
@@ -39,6 +39,29 @@ class Contribution:
     tensor: torch.Tensor
     weight: float
     n_examples: int
+
+
+@dataclass
+class PendingStep:
+    """A local step between :meth:`Client.prepare` and :meth:`Client.finish`: the batch, the local
+    view and the context its gradient is taken at."""
+
+    feats: torch.Tensor   # (B, E) image features of the batch
+    labels: torch.Tensor  # (B,)
+    view: LocalView
+    ctx: torch.Tensor     # (n_ctx, D), detached
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class FedAvgCopy:
+    """A client's private copy of p_G during a fedavg round, with its own optimiser."""
+
+    param: torch.Tensor   # (n_ctx, D), requires grad
+    opt: torch.optim.Optimizer
 
 
 @dataclass
@@ -89,19 +112,31 @@ class Client:
         self.used[local_idx] = True
         return self.store.get("train", self.train_idx[local_idx])
 
-    def _grad(self, ctx: torch.Tensor, feats, labels) -> torch.Tensor:
-        """G (n_ctx, D) batch mean, or (B, n_ctx, D) per example when the privacy mode needs it."""
+    def prepare(self, base: torch.Tensor) -> "PendingStep":
+        """The first half of a local step: draw the batch (this client's sampler), build the local
+        view (this client's factorisation generator) and the context at ``base`` (p_G, or the
+        fedavg copy). Sequential and vectorised steps call it in the same per-client order."""
+        feats, labels = self._batch()
+        view = self.method.local_view(self.local, self.gen, base)
+        ctx = (base.detach() if self.method.uses_global else 0) + view.context()  # (n_ctx, D)
+        return PendingStep(feats, labels, view, ctx)
+
+    def grad(self, pending: "PendingStep") -> torch.Tensor:
+        """G (n_ctx, D) batch mean, or (B, n_ctx, D) per example when the privacy mode needs it;
+        sets ``last_loss``."""
         if self.privacy.per_example:
-            losses, G = per_example_ctx_grads(self.enc, ctx, feats, labels, self.scale,
+            losses, G = per_example_ctx_grads(self.enc, pending.ctx, pending.feats, pending.labels, self.scale,
                                               strategy=self.s.per_example_grads)
             self.last_loss = float(losses.mean()) if len(losses) else float("nan")
             return G
-        self.last_loss, G = batch_ctx_grad(self.enc, ctx, feats, labels, self.scale)
+        self.last_loss, G = batch_ctx_grad(self.enc, pending.ctx, pending.feats, pending.labels, self.scale)
         return G
 
-    def _release(self, view, G: torch.Tensor, protocol: str):
-        """Everything this batch releases, through the privacy mechanism in ONE call (one event):
-        the local carrier gradients and the global-prompt gradient. Applies the local update."""
+    def finish(self, pending: "PendingStep", G: torch.Tensor, protocol: str):
+        """The second half of a local step: everything this batch releases, through the privacy
+        mechanism in ONE call (one event): the local carrier gradients and the global-prompt
+        gradient. Applies the local update; returns the release's :class:`BatchOutput`."""
+        view = pending.view
         carriers = view.carrier_grads(G) if self.method.uses_local else {}
         out = self.privacy.release(self, carriers, G if self.method.uses_global else None, protocol)
         if self.method.uses_local:
@@ -109,34 +144,41 @@ class Client:
                 self.local[name].grad = g
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
+        self.steps += 1
         return out
 
-    def step(self, p_G: torch.Tensor) -> Optional[Contribution]:
-        """One local step at the current global prompt; returns the global contribution (grad protocol)."""
-        feats, labels = self._batch()
-        view = self.method.local_view(self.local, self.gen, p_G)
-        ctx = (p_G.detach() if self.method.uses_global else 0) + view.context()  # (n_ctx, D)
-        G = self._grad(ctx, feats, labels)
-        out = self._release(view, G, "grad")
-        self.steps += 1
+    def contribution(self, out) -> Optional[Contribution]:
+        """The global contribution of a grad-protocol step's release (None without a global prompt)."""
         if self.method.uses_global:
             return Contribution(self.id, out.global_, out.weight, self.n_train)
         return None
 
+    def step(self, p_G: torch.Tensor) -> Optional[Contribution]:
+        """One local step at the current global prompt; returns the global contribution (grad protocol)."""
+        pending = self.prepare(p_G)
+        return self.contribution(self.finish(pending, self.grad(pending), "grad"))
+
+    def fedavg_start(self, p_G: torch.Tensor) -> "FedAvgCopy":
+        """A private copy of p_G with a fresh optimiser, for one fedavg round."""
+        copy = p_G.detach().clone().requires_grad_(True)
+        return FedAvgCopy(copy, sgd([copy], self.s))
+
+    def fedavg_apply(self, run: "FedAvgCopy", out) -> None:
+        """Step the copy with a fedavg step's released global gradient."""
+        run.param.grad = out.global_
+        run.opt.step()
+        run.opt.zero_grad(set_to_none=True)
+
+    def fedavg_end(self, run: "FedAvgCopy", p_G: torch.Tensor) -> Contribution:
+        return self.privacy.fedavg_contribution(self, p_G.detach(), run.param.detach())
+
     def fedavg_round(self, p_G: torch.Tensor, steps: int) -> Contribution:
         """K local steps on a private copy of p_G (fresh optimiser each round); returns the copy."""
-        copy = p_G.detach().clone().requires_grad_(True)
-        opt_g = sgd([copy], self.s)
+        run = self.fedavg_start(p_G)
         for _ in range(steps):
-            feats, labels = self._batch()
-            view = self.method.local_view(self.local, self.gen, copy)
-            ctx = copy.detach() + view.context()
-            G = self._grad(ctx, feats, labels)
-            copy.grad = self._release(view, G, "fedavg").global_
-            opt_g.step()
-            opt_g.zero_grad(set_to_none=True)
-            self.steps += 1
-        return self.privacy.fedavg_contribution(self, p_G.detach(), copy.detach())
+            pending = self.prepare(run.param)
+            self.fedavg_apply(run, self.finish(pending, self.grad(pending), "fedavg"))
+        return self.fedavg_end(run, p_G)
 
     # ------------------------------------------------------------------ evaluation / state
     def personal_context(self, p_G: torch.Tensor) -> torch.Tensor:

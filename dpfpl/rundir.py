@@ -116,13 +116,16 @@ def os_error_line(exc: OSError, path: Optional[Path | str] = None) -> str:
 
 
 def _config_diff(a: dict[str, Any], b: dict[str, Any], skip: tuple[str, ...] = ("rounds",)) -> list[str]:
-    """'section.field A vs B' for the fields of two RunConfig dicts that differ."""
+    """'section.field A vs B' for the fields of two RunConfig dicts that differ; a field missing
+    from one side (a file written before the field existed) counts as its default."""
     out = []
+    defaults = RunConfig().to_dict()
     for sec in RunConfig.SECTIONS:
         for k in sorted(set(a.get(sec, {})) | set(b.get(sec, {}))):
             if k in skip:
                 continue
-            va, vb = a.get(sec, {}).get(k), b.get(sec, {}).get(k)
+            d = defaults.get(sec, {}).get(k)
+            va, vb = a.get(sec, {}).get(k, d), b.get(sec, {}).get(k, d)
             if va != vb:
                 out.append(f"{sec}.{k} is {va!r} in config.json but {vb!r} in checkpoint.pt")
     return out

@@ -54,6 +54,7 @@ class PromptTextEncoder(nn.Module):
     """Maps a context tensor to L2-normalised class text features.
 
     forward(ctx): ctx (n_ctx, D) shared by all classes, or (C, n_ctx, D) -> features (C, E).
+    forward_stacked(ctx): K contexts at once, (K, n_ctx, D) or (K, C, n_ctx, D) -> (K, C, E).
     All weights are frozen buffers/modules of the CLIP model; only ``ctx`` carries gradients.
     """
 
@@ -100,13 +101,29 @@ class PromptTextEncoder(nn.Module):
         if ctx.dim() == 2:
             ctx = ctx.unsqueeze(0).expand(C, -1, -1)  # (C, n_ctx, D)
         x = torch.cat([self.prefix, ctx.to(self.prefix.dtype), self.suffix], dim=1)  # (C, L, D)
+        return self._tower_features(x, self.pool_pos)  # (C, E)
+
+    def forward_stacked(self, ctx: torch.Tensor) -> torch.Tensor:
+        """K contexts through the tower in ONE pass: ctx (K, n_ctx, D) shared by all classes, or
+        (K, C, n_ctx, D) per class -> features (K, C, E). Row k equals ``forward(ctx[k])`` (up to
+        float summation order): the K x C sequences are independent rows of one batch."""
+        K, C = ctx.shape[0], self.n_classes
+        if ctx.dim() == 3:
+            ctx = ctx.unsqueeze(1).expand(K, C, *ctx.shape[1:])  # (K, C, n_ctx, D)
+        x = torch.cat([self.prefix.expand(K, *self.prefix.shape), ctx.to(self.prefix.dtype),
+                       self.suffix.expand(K, *self.suffix.shape)], dim=2)  # (K, C, L, D)
+        feats = self._tower_features(x.reshape(K * C, self.length, self.width), self.pool_pos.repeat(K))  # (K*C, E)
+        return feats.reshape(K, C, -1)  # (K, C, E)
+
+    def _tower_features(self, x: torch.Tensor, pool_pos: torch.Tensor) -> torch.Tensor:
+        """Token embeddings x (N, L, D) -> L2-normalised features (N, E) pooled at ``pool_pos`` (N,)."""
         x = x + self.tower.positional_embedding[: self.length]
         x = self.tower.transformer(x, attn_mask=self.attn_mask)
-        x = self.tower.ln_final(x)  # (C, L, D)
-        x = x[torch.arange(C, device=x.device), self.pool_pos]  # (C, D)
+        x = self.tower.ln_final(x)  # (N, L, D)
+        x = x[torch.arange(x.shape[0], device=x.device), pool_pos]  # (N, D)
         proj = getattr(self.tower, "text_projection", None)
         if proj is not None:
-            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj  # (C, E)
+            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj  # (N, E)
         return F.normalize(x, dim=-1)
 
 
