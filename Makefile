@@ -25,16 +25,7 @@ audits: setup
 	$(BIN)/dpfpl bench --preset audits --fresh
 	$(BIN)/dpfpl audit --train --control positive $(AUDIT_ATTACKS) --out results/audits/controls/positive
 	$(BIN)/dpfpl audit --train --control negative $(AUDIT_ATTACKS) --out results/audits/controls/negative
-	rm -rf results/audits/mechanism && mkdir -p results/audits/mechanism
-	for d in results/audits/runs/*_eps* results/audits/runs/*_ref*; do \
-		$(BIN)/dpfpl audit $$d --attack mechanism --attack replay --out results/audits/mechanism/$$(basename $$d) \
-			| sed "s|^|$$(basename $$d): |" | tee -a results/audits/mechanism/summary.txt; \
-	done
-
-# Opacus / Flower / our mechanisms through the mechanism audit -> results/external/ (~10 min on 2 cores)
-external-audits: setup
-	$(BIN)/pip install -q --disable-pip-version-check -c constraints-cpu.txt -e ".[bench]"
-	$(BIN)/python -m audits.external --out results/external
+	# mechanism + replay audits run inside the preset (bench.audit_hook): runs/*/audit_mechanism/, table_privacy.md
 
 microbench: setup
 	mkdir -p results/microbench
