@@ -82,7 +82,7 @@ class TrainConfig:
         "jacobian (text Jacobian once per step), auto (the cheaper, by a measured cost model)",
         ("auto", "vjp", "jacobian"))
     vectorize_clients: bool = opt(
-        True, "run the sampled clients' local step in ONE batched pass (stacked contexts, one text-encoder "
+        False, "run the sampled clients' local step in ONE batched pass (stacked contexts, one text-encoder "
         "call, one vmap of per-example gradients), then each client's own release and update; equal to the "
         "client-by-client loop up to float rounding (in-process engine; see README 'Vectorised clients')")
 

@@ -167,7 +167,8 @@ def test_size_groups_bound_padding():
 
 
 def test_option_and_fallback(make_cfg, tiny_clip, tiny_dataset):
-    assert RunConfig().train.vectorize_clients is True
+    assert RunConfig().train.vectorize_clients is False  # off by default until the Flower engine uses it too
+    assert RunConfig().update({"vectorize_clients": "true"}).validate().train.vectorize_clients is True
     assert RunConfig().update({"vectorize_clients": "false"}).validate().train.vectorize_clients is False
     with pytest.raises(ConfigError, match="vectorize_clients"):
         RunConfig().update({"vectorize_clients": "maybe"})
@@ -175,7 +176,7 @@ def test_option_and_fallback(make_cfg, tiny_clip, tiny_dataset):
     cfg.train.vectorize_clients = 1
     with pytest.raises(ConfigError, match="vectorize_clients"):
         cfg.validate()
-    e = Engine(make_cfg(method="zeroshot"), clip=tiny_clip, dataset=tiny_dataset)
+    e = Engine(make_cfg(method="zeroshot", vectorize_clients=True), clip=tiny_clip, dataset=tiny_dataset)
     assert not e.vectorized and "trains nothing" in e.sequential_reason
     off = Engine(make_cfg(vectorize_clients=False), clip=tiny_clip, dataset=tiny_dataset)
     assert off.sequential_reason == "train.vectorize_clients=false"
