@@ -170,7 +170,8 @@ def audit_batch_mechanism(mech: BatchMechanism, steps: int, delta: float, trials
                           events=None if claimed_eps is not None else events, accountant=accountant,
                           confidence=confidence, method=method, seed=seed,
                           chunk=512 if ref else max(1, (1 << 20) // steps))
-    res.details["epsilon_accounted"] = accounted_epsilon(events, delta, accountant)
+    res.details["epsilon_accounted"] = (res.claimed_eps if claimed_eps is None  # already the accountant's eps
+                                        else accounted_epsilon(events, delta, accountant))
     res.details["worst_case"] = ("reference: one-batch client, canary in every batch, the rest of the batch "
                                  "opposite (clipped mean moves by 2C)" if ref else
                                  ("Dirac canary of norm 1000C, others zero, Poisson rate q per step" if

@@ -48,6 +48,7 @@ from typing import Any, Optional
 from dpfpl.config import RunConfig, load_mapping
 from dpfpl.errors import ConfigError
 
+from .audit_hook import MECHANISM_ATTACKS
 from .grid import CLIP, GridSpec
 
 PAPER_SOURCE = ("Tran et al., ICLR 2025 (arXiv 2501.13904), Table 2 (local accuracy, rank 8) and Table 3 "
@@ -237,7 +238,6 @@ def _cifar100() -> GridSpec:
 
 
 AUDIT_ATTACKS = ["loss", "shadow", "lira", "rmia", "canary", "gradient-canary"]
-MECHANISM_ATTACKS = ["mechanism", "replay"]  # private cells only (bench.audit_hook)
 MECHANISM_TRIALS = 1_000_000  # per world: sound bound / accounted eps ~0.7 at eps 4 and 1 (results/audits)
 
 
@@ -251,7 +251,7 @@ def _audits() -> GridSpec:
         base={**g.base, "shots": 16, "rounds": 16, "eval_every": 16}, methods=["dpfpl"], epsilons=list(DEFAULT_EPSILONS), seeds=[0],
         private_base=g.private_base, nonprivate_base=g.nonprivate_base,
         blocks=[{"name": "reference mode", "epsilons": [e for e in DEFAULT_EPSILONS if e], "private_mode": "reference"}],
-        audit_attacks=list(AUDIT_ATTACKS) + MECHANISM_ATTACKS,
+        audit_attacks=list(AUDIT_ATTACKS) + list(MECHANISM_ATTACKS),  # mechanism: private cells only
         audit_options={"shadows": 4, "mechanism_trials": MECHANISM_TRIALS},
         notes=["The default task's recipe (see the default preset) with 16 training images per class (64 per "
                "client) and 16 rounds, so that every example is seen ~16 times (the default grid sees each "

@@ -56,6 +56,16 @@ def _feature_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DPFPL_CACHE_DIR", str(tmp_path / "dpfpl-cache"))
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny models; two threads on a loaded 2-core machine were
+    measured up to 20x slower). Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset() -> Dataset:
     xtr, ytr = make_images(10, 0)

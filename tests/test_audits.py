@@ -29,13 +29,7 @@ from dpfpl.data.base import ArraySplit, Dataset
 from dpfpl.errors import ConfigError, DataError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread (two threads on a busy 2-core box thrash)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------

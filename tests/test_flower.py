@@ -86,14 +86,7 @@ class LocalGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Both engines run in this process on one torch thread (as each Ray actor does); two threads
-    on a loaded 2-core machine were measured up to 20x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
