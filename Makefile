@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test bench audits external-audits microbench gpu-check clean
+.PHONY: setup test bench audits tightness external-audits microbench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -19,16 +19,28 @@ test: setup
 bench: setup
 	$(BIN)/dpfpl bench --fresh
 
-AUDIT_ATTACKS := --attack loss --attack lira --attack rmia --attack canary --attack gradient-canary
+# the controls run every membership attack (the audits preset's cells run the sound ones: bench/presets.py)
+CONTROL_ATTACKS := --attack loss --attack shadow --attack lira --attack rmia --attack canary --attack whitebox --attack final-cosine
 
+# results/audits: the audits preset (membership + mechanism + replay audits of every cell), the controls,
+# the planted-bug zoo
 audits: setup
+	rm -rf results/audits/controls
 	$(BIN)/dpfpl bench --preset audits --fresh
-	$(BIN)/dpfpl audit --train --control positive $(AUDIT_ATTACKS) --out results/audits/controls/positive
-	$(BIN)/dpfpl audit --train --control negative $(AUDIT_ATTACKS) --out results/audits/controls/negative
-	# mechanism + replay audits run inside the preset (bench.audit_hook): runs/*/audit_mechanism/, table_privacy.md
+	$(BIN)/dpfpl audit --train --control positive $(CONTROL_ATTACKS) --out results/audits/controls/positive
+	$(BIN)/dpfpl audit --train --control negative $(CONTROL_ATTACKS) --out results/audits/controls/negative
+	$(BIN)/python -m audits.zoo --trials 20000 --seeds 3 --out results/audits
 
+# sound bound / accounted eps of every method's real mechanism (~15 min on 2 cores; not in make audits)
+tightness: setup
+	$(BIN)/python -m audits.tightness --preset audits --methods dpfpl fedpgp fedotp promptfl local \
+		--eps 4 2 1 --trials 1000000 --out results/audits/tightness
+
+# every speed figure (vectorised clients, per-example strategies + Opacus, feature cache, start-up) into
+# results/microbench/README.md (~15 min on 2 cores), then the pytest-benchmark micro-timings
 microbench: setup
 	mkdir -p results/microbench
+	$(BIN)/python -m bench.microbench --out results/microbench
 	$(BIN)/python -m pytest bench --benchmark-only --benchmark-enable -q --benchmark-sort=name \
 		--benchmark-columns=median,iqr,min,rounds --benchmark-json=results/microbench/benchmark.json \
 		| tee results/microbench/summary.txt
