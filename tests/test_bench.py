@@ -87,7 +87,7 @@ def test_audits_preset():
     ids = sorted(c.id for c in g.cells())
     assert ids == sorted(["dpfpl_nodp_s0", "dpfpl_eps4_s0", "dpfpl_eps1_s0", "dpfpl_eps0.25_s0", "dpfpl_ref4_s0",
                           "dpfpl_ref1_s0", "dpfpl_ref0.25_s0"])
-    assert set(g.audit_attacks) == {"loss", "shadow", "lira", "rmia", "canary", "gradient-canary", "mechanism", "replay"}
+    assert set(g.audit_attacks) == {"loss", "canary", "whitebox", "final-cosine", "mechanism", "replay"}
     assert g.audit_options["mechanism_trials"] >= 1_000_000
     assert all(g.audits_cell(c) for c in g.cells())
     from audits.audit import AuditSettings
