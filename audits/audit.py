@@ -479,12 +479,8 @@ def _run_attacks(prep: Prepared, s: AuditSettings, out: Path, prog: _Progress) -
         r = run_gradient_canaries(world, prep.recipe, d.base_sets, d.classes, d.clients, m, seed=derive_seed(s.seed, 4),
                                   delta=delta, confidence=s.confidence, cache=cache, untrained=prep.untrained,
                                   on_step=prog.stepper(prep.recipe.train.rounds, "gradient-canary run"))
-        summ = r.pop("_summary")
         r.pop("_owner")
-        priv = _privacy_info(summ, prep.recipe) if not summ.get("untrained") else prep.privacy
-        r["epsilon_spent"], r["epsilon_claimed"] = _eps_for(priv, "global")
-        r["epsilon_compared"] = "epsilon_global (the global mechanism: what this adversary observes)"
-        r["flags"] = flag_attack(r)
+        _finish_canary_attack(r, prep, "global", "epsilon_global (the global mechanism: what this adversary observes)")
         results["gradient-canary"] = r
         extra_notes.append(
             "gradient-canary: WHITE-BOX adversary who sees every global-prompt broadcast (stronger than the paper's "
@@ -525,13 +521,14 @@ def _run_attacks(prep: Prepared, s: AuditSettings, out: Path, prog: _Progress) -
     return {"results": results, "delta": delta, "notes": extra_notes}
 
 
-def _finish_canary_attack(r: dict[str, Any], prep: Prepared, which: str) -> None:
-    """Accountant / claimed eps of a canary run's own summary beside its bound, and the flags."""
+def _finish_canary_attack(r: dict[str, Any], prep: Prepared, which: str, compared: Optional[str] = None) -> None:
+    """Accountant / claimed eps of a canary run's own summary beside its bound (``which``: "global",
+    the global mechanism's eps, or "spent", the whole batch mechanism's), and the flags."""
     summ = r.pop("_summary")
     priv = _privacy_info(summ, prep.recipe) if not summ.get("untrained") else prep.privacy
     r["epsilon_spent"], r["epsilon_claimed"] = _eps_for(priv, "global" if which == "global" else "personalized")
-    r["epsilon_compared"] = ("epsilon_global (the released global prompt)" if which == "global" else
-                             "epsilon_spent (the batch mechanism: every release of the audited client's data)")
+    r["epsilon_compared"] = compared or ("epsilon_global (the released global prompt)" if which == "global" else
+                                         "epsilon_spent (the batch mechanism: every release of the audited client's data)")
     r["flags"] = flag_attack(r)
 
 

@@ -25,7 +25,6 @@ Worst cases (Nasr et al. 2023):
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -200,14 +199,13 @@ def rebuild_privacy(cfg: RunConfig, ledger: dict[str, Any]):
     engine (method, protocol, client sizes from the recorded sampling rates, local steps), the
     recorded multipliers, and the check that each rebuilt mechanism describes itself as recorded.
     Returns (privacy, mismatches)."""
-    from dpfpl.registry import get_method
+    from dpfpl.plan import plan_engine
     from dpfpl.privacy.dp import build_dp_privacy
 
     if cfg.privacy.privacy not in ("dp", "reference"):
         raise ConfigError(f"privacy={cfg.privacy.privacy!r}: nothing to audit at the mechanism level")
     cfg = RunConfig.from_dict(cfg.to_dict())
     t = cfg.train
-    method = get_method(t.method)
     mechs = ledger.get("mechanisms", {})
     clients = []
     for key, m in sorted(mechs.items(), key=lambda kv: int(kv[0].removeprefix("client"))):
@@ -216,12 +214,8 @@ def rebuild_privacy(cfg: RunConfig, ledger: dict[str, Any]):
         clients.append(SimpleNamespace(client_id=int(key.removeprefix("client")), train_idx=range(n)))
     if not clients:
         raise ConfigError("ledger.json records no mechanisms")
-    protocol = t.protocol or method.default_protocol
-    if protocol == "fedavg" and not method.uses_global:
-        protocol = "grad"
-    n_mean = sum(len(c.train_idx) for c in clients) / len(clients)
-    engine = SimpleNamespace(method=method, protocol=protocol, clients_data=clients,
-                             local_steps=t.local_steps or max(1, math.ceil(n_mean / t.batch_size)))
+    engine = plan_engine(cfg, clients)
+    method = engine.method
     if cfg.privacy.privacy == "dp":
         if method.uses_local:
             cfg.privacy.noise_multiplier_local = ledger["noise_multiplier_local"]

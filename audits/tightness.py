@@ -28,7 +28,6 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
 __all__ = ["method_mechanism", "joint_mechanism", "tightness_row", "main"]
@@ -38,19 +37,14 @@ def method_mechanism(cfg) -> tuple[Any, int]:
     """(mechanism of the client that spends most, steps) of a DP run of ``cfg``, built as training
     builds it (dataset partition, local steps, calibration), without loading a model."""
     from dpfpl.data import load_run_dataset, partition
+    from dpfpl.plan import plan_engine
     from dpfpl.privacy.dp import build_dp_privacy
-    from dpfpl.registry import get_method
 
     t, d = cfg.train, cfg.data
-    method = get_method(t.method)(rank=t.rank, ctx_init_std=t.ctx_init_std)
-    protocol = t.protocol or method.default_protocol
-    if protocol == "fedavg" and not method.uses_global:
-        protocol = "grad"
     clients = partition(load_run_dataset(cfg), d.num_clients, d.partition, seed=t.seed, beta=d.dirichlet_beta,
                         shots=d.shots, val_fraction=d.val_fraction)
-    n_mean = sum(len(c.train_idx) for c in clients) / len(clients)
-    local_steps = t.local_steps or max(1, math.ceil(n_mean / t.batch_size))
-    engine = SimpleNamespace(method=method, protocol=protocol, clients_data=clients, local_steps=local_steps)
+    engine = plan_engine(cfg, clients)
+    local_steps = engine.local_steps
     priv = build_dp_privacy(cfg, engine)
     cid = max(priv.mechanisms, key=lambda i: (priv.mechanisms[i].sampling_rate, -i))
     mech = priv.mechanisms[cid]

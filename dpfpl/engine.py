@@ -13,7 +13,6 @@ kept out of the engine: ``on_round_end(engine, row)``.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable, Optional, Protocol
 
@@ -30,6 +29,7 @@ from .errors import ConfigError
 from .features import FeatureStore
 from .federation import Client, Server, TrainSettings
 from .methods import Method
+from .plan import plan_engine
 from .registry import get_method
 from .text import PromptTextEncoder, logit_scale, template_features
 
@@ -83,9 +83,6 @@ class Engine(EngineRecord):
         t, d = cfg.train, cfg.data
         status = on_status or (lambda msg: None)
         self.method: Method = get_method(t.method)(rank=t.rank, ctx_init_std=t.ctx_init_std)
-        self.protocol = t.protocol or self.method.default_protocol
-        if self.protocol == "fedavg" and not self.method.uses_global:
-            self.protocol = "grad"  # nothing to average
         status("loading dataset")
         self.dataset = dataset if dataset is not None else load_run_dataset(cfg)
         if clients_data is None:
@@ -93,9 +90,8 @@ class Engine(EngineRecord):
                                      beta=d.dirichlet_beta, shots=d.shots, val_fraction=d.val_fraction)
         elif len(clients_data) != d.num_clients:
             raise ConfigError(f"data.num_clients={d.num_clients} but {len(clients_data)} client partitions were given")
-        self.clients_data = clients_data
-        n_mean = float(np.mean([len(c.train_idx) for c in self.clients_data]))
-        self.local_steps = t.local_steps or max(1, math.ceil(n_mean / t.batch_size))
+        plan = plan_engine(cfg, clients_data, self.method)
+        self.protocol, self.clients_data, self.local_steps = plan.protocol, plan.clients_data, plan.local_steps
         # reads cfg, method, protocol, clients_data and local_steps only: before the expensive part
         self.privacy = build_privacy(cfg, self)
         if on_ready is not None:

@@ -21,6 +21,7 @@ from typing import Optional
 
 from .config import RunConfig
 from .errors import ConfigError
+from .plan import effective_protocol
 
 SHIPPED_CONFIGS = Path(__file__).parent / "model_configs"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -58,12 +59,6 @@ def is_checkpoint_path(pretrained: str) -> bool:
     return os.path.sep in pretrained or Path(pretrained).suffix in CHECKPOINT_SUFFIXES
 
 
-def effective_protocol(cfg: RunConfig, method) -> str:
-    """The aggregation protocol the engine will run (the method's default when unset)."""
-    protocol = cfg.train.protocol or method.default_protocol
-    return "grad" if protocol == "fedavg" and not method.uses_global else protocol
-
-
 def check_config(cfg: RunConfig) -> RunConfig:
     """Raise ConfigError for the first problem knowable from ``cfg`` alone; returns ``cfg``."""
     from .registry import get_method
@@ -91,7 +86,7 @@ def _check_privacy(cfg: RunConfig, method) -> None:
 
     p = cfg.privacy
     parse_clip_unit(p.clip_unit)
-    if p.dp_level == "client" and effective_protocol(cfg, method) != "fedavg":
+    if p.dp_level == "client" and effective_protocol(cfg.train.protocol, method) != "fedavg":
         raise ConfigError("privacy.dp_level=client needs the fedavg protocol (--protocol fedavg)")
     if p.epsilon is None and p.privacy == "reference":
         raise ConfigError("privacy=reference needs --epsilon (the nominal eps the public rule claims)")
