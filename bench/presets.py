@@ -240,8 +240,8 @@ def _cifar100() -> GridSpec:
 # Membership attacks of the audits preset: the cheap black-box one (loss), the sound one-run audits
 # (input canaries; white-box per-step canaries; final-prompt cosine canaries). The shadow-model
 # attacks (shadow, lira, rmia: ~55 s a cell for 4 shadows) and the older broadcast-only
-# gradient-canary run in the controls and on demand (`dpfpl audit RUN --attack lira`): `make audits`
-# has ~10 minutes on 2 cores.
+# gradient-canary run in the controls and on demand (`dpfpl audit RUN --attack lira`), to keep
+# `make audits` near its ~10-minute budget on 2 cores.
 AUDIT_ATTACKS = ["loss", "canary", "whitebox", "final-cosine"]
 MECHANISM_TRIALS = 1_000_000  # per world: sound bound / accounted eps ~0.7 at eps 4 and 1 (results/audits)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from .config import RunConfig
+from .errors import ConfigError
 
 __all__ = ["EnginePlan", "effective_protocol", "plan_engine"]
 
@@ -45,8 +46,6 @@ def plan_engine(cfg: RunConfig, clients_data: Sequence[Any], method: Any = None)
 
         method = get_method(t.method)(rank=t.rank, ctx_init_std=t.ctx_init_std)
     if not clients_data:
-        from .errors import ConfigError
-
         raise ConfigError("plan_engine: no clients")
     n_mean = sum(len(c.train_idx) for c in clients_data) / len(clients_data)
     return EnginePlan(method=method, protocol=effective_protocol(t.protocol, method), clients_data=clients_data,
