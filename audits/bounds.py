@@ -15,6 +15,10 @@ with probability >= ``confidence`` over the audit's randomness (if the mechanism
    Assumption: members' scores are i.i.d. draws of the "in" world and non-members' scores i.i.d.
    draws of the "out" world (e.g. one target per independently trained model). Many canaries
    inside *one* training run are not independent trials: use the one-run audit for that.
+   :func:`plan_threshold` + :func:`eps_lower_bound_at_threshold`: the threshold chosen in
+   advance from a simulation of the CLAIMED mechanism (expected bound at the audit's sizes), then
+   one test on the audited data with no correction (Nasr et al. 2023: the optimal test for a known
+   output distribution is what makes a mechanism audit tight).
 3. :func:`one_run_eps_lower_bound` / :func:`one_run_audit` / :func:`one_run_audit_search`:
    Steinke, Nasr, Jagielski, "Privacy Auditing with One (1) Training Run", NeurIPS 2023.
    Requires that each of the m canaries was included independently with probability 1/2.
@@ -40,6 +44,8 @@ from .metrics import check_scores_labels
 __all__ = [
     "clopper_pearson",
     "eps_lower_bound_from_roc",
+    "plan_threshold",
+    "eps_lower_bound_at_threshold",
     "one_run_p_value",
     "one_run_eps_lower_bound",
     "one_run_audit",
@@ -275,6 +281,98 @@ def eps_lower_bound_from_roc(scores: Any, is_member: Any, delta: float,
         "tpr_lo": float(tpr_lo[0]), "fpr_hi": float(fpr_hi[0]), "n_candidates": int(cand.size),
         "confidence": c, "delta": d, "method": method, "seed": seed,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# a threshold planned from the claim (no correction: it is fixed before the audited data exist)
+# --------------------------------------------------------------------------------------------
+
+def _bound_at_counts(tp: np.ndarray, n1: int, fp: np.ndarray, n0: int, delta: float,
+                     a: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(fwd, sym, TPR_lo, FPR_hi) of the threshold tests with counts tp / n1, fp / n0 (counts may be
+    fractional: the plug-in expected counts of a plan), each interval one-sided at level ``a``."""
+    tpr_lo = _cp_lower(tp, n1, a)
+    fpr_hi = _cp_upper(fp, n0, a)
+    fwd, sym = _eps_from_rates(tpr_lo, fpr_hi, delta)
+    return fwd, sym, tpr_lo, fpr_hi
+
+
+def plan_threshold(pilot_in: Any, pilot_out: Any, n_members: int, n_nonmembers: int, delta: float,
+                   alpha: float, min_count: int = 10, llr: bool = False) -> dict[str, Any]:
+    """The threshold whose bound is largest IN EXPECTATION, planned on a pilot sample of the claim.
+
+    ``pilot_in`` / ``pilot_out``: scores of a simulation of the CLAIMED mechanism (never of the
+    audited one) in the two worlds. For each candidate threshold t (pilot scores at a fixed grid of
+    tail fractions) the pilot's rates are scaled to the audit's sizes (expected counts) and the bound
+    of :func:`eps_lower_bound_at_threshold` at level ``alpha`` is evaluated; the best (threshold,
+    direction) is returned with that expected bound. Because the threshold depends on the claim
+    only, the audit's test needs no multiple-testing correction.
+
+    ``llr=True``: the scores ARE the claim's log-likelihood ratio S = log dP_in/dP_out, so
+    P_out(S > t) = E_in[e^-S 1{S > t}] and P_in(S <= t) = E_out[e^S 1{S <= t}]: each small tail
+    is estimated from the world that populates it (exponential tilting), which removes most of the
+    pilot's noise at the low false-positive rates a tight audit lives at. Candidates whose deciding
+    tail holds fewer than ``min_count`` pilot scores are skipped.
+    """
+    pi = np.sort(np.asarray(pilot_in, dtype=np.float64).ravel())
+    po = np.sort(np.asarray(pilot_out, dtype=np.float64).ravel())
+    if pi.size < 2 * min_count or po.size < 2 * min_count:
+        raise ConfigError(f"plan_threshold: the pilot needs >= {2 * min_count} scores per world, got "
+                          f"{pi.size} and {po.size}")
+    d, a = _check_delta(delta), _check_alpha(alpha)
+    n1 = _check_count("n_members", n_members, minimum=1)
+    n0 = _check_count("n_nonmembers", n_nonmembers, minimum=1)
+    fr = np.geomspace(min_count / min(pi.size, po.size), 0.5, 400)
+    src_hi, src_lo = (pi, po) if llr else (po, pi)  # where the upper / lower tails are sampled
+    cand = np.unique(np.r_[src_hi[np.clip(np.round((1 - fr) * src_hi.size).astype(np.int64), 0, src_hi.size - 1)],
+                           src_lo[np.clip(np.round(fr * src_lo.size).astype(np.int64), 0, src_lo.size - 1)]])
+    above_i = pi.size - np.searchsorted(pi, cand, side="right")  # pilot members with S > t
+    above_o = po.size - np.searchsorted(po, cand, side="right")
+    tp_rate = above_i / pi.size
+    if llr:
+        # tail sums of e^-S over members above t, and of e^S over non-members at or below t
+        w_i = np.r_[np.cumsum(np.exp(-pi)[::-1])[::-1], 0.0]  # w_i[k] = sum_{j >= k} e^-pi[j]
+        w_o = np.r_[0.0, np.cumsum(np.exp(np.minimum(po, 700.0)))]  # w_o[k] = sum_{j < k} e^po[j]
+        fp_rate = np.minimum(1.0, w_i[pi.size - above_i] / pi.size)
+        fn_rate = np.minimum(1.0, w_o[po.size - above_o] / po.size)  # P_in(S <= t)
+        ok_fwd, ok_sym = above_i >= min_count, (po.size - above_o) >= min_count
+        tp_fwd, tp_sym = tp_rate, 1.0 - fn_rate
+        fp_fwd, fp_sym = fp_rate, above_o / po.size
+    else:
+        fp_fwd = fp_sym = above_o / po.size
+        tp_fwd = tp_sym = tp_rate
+        ok_fwd, ok_sym = above_o >= min_count, (pi.size - above_i) >= min_count
+    fwd, _, _, _ = _bound_at_counts(tp_fwd * n1, n1, fp_fwd * n0, n0, d, a)
+    _, sym, _, _ = _bound_at_counts(tp_sym * n1, n1, fp_sym * n0, n0, d, a)
+    fwd = np.where(ok_fwd, fwd, -np.inf)
+    sym = np.where(ok_sym, sym, -np.inf)
+    best = np.maximum(fwd, sym)
+    i = int(np.argmax(best))
+    return {"threshold": float(cand[i]), "direction": "tpr/fpr" if fwd[i] >= sym[i] else "tnr/fnr",
+            "expected_eps": float(max(0.0, best[i])) if np.isfinite(best[i]) else 0.0,
+            "pilot_trials": int(min(pi.size, po.size)), "alpha": a, "tilted": bool(llr)}
+
+
+def eps_lower_bound_at_threshold(s_in: Any, s_out: Any, threshold: float, delta: float,
+                                 alpha: float) -> dict[str, Any]:
+    """Sound bound of ONE threshold test fixed before the data: "score > threshold".
+
+    tp ~ Bin(n1, TPR) and fp ~ Bin(n0, FPR) are independent, so with one-sided Clopper-Pearson
+    intervals at level ``alpha`` each, both hold with probability >= (1 - alpha)^2, and then
+    eps >= max(log((TPR_lo - delta) / FPR_hi), log((1 - FPR_hi - delta) / (1 - TPR_lo))).
+    """
+    si = np.asarray(s_in, dtype=np.float64).ravel()
+    so = np.asarray(s_out, dtype=np.float64).ravel()
+    if si.size < 1 or so.size < 1:
+        raise ConfigError("eps_lower_bound_at_threshold: both worlds need scores")
+    d, a = _check_delta(delta), _check_alpha(alpha)
+    tp, fp = int(np.sum(si > threshold)), int(np.sum(so > threshold))
+    fwd, sym, lo, hi = _bound_at_counts(np.array([tp]), si.size, np.array([fp]), so.size, d, a)
+    eps = float(max(fwd[0], sym[0]))
+    return {"eps_lower_bound": max(0.0, eps) if np.isfinite(eps) else 0.0, "threshold": float(threshold),
+            "direction": "tpr/fpr" if fwd[0] >= sym[0] else "tnr/fnr", "tp": tp, "fp": fp,
+            "n_members": int(si.size), "n_nonmembers": int(so.size), "tpr_lo": float(lo[0]),
+            "fpr_hi": float(hi[0]), "n_candidates": 1, "alpha": a, "delta": d}
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from dpfpl.errors import ConfigError
 from dpfpl.privacy.randomness import NoiseSource
 from dpfpl.privacy.release import BatchMechanism, ReferenceBatchMechanism
 
-from .mechanism import ReleaseFn, ScoreFn, accounted_epsilon, audit_mechanism, gaussian_mixture_llr
+from .mechanism import GaussianMixtureClaim, ReleaseFn, ScoreFn, accounted_epsilon, audit_mechanism
 
 __all__ = ["BIG", "rebuild_privacy", "dirac_release", "reference_release", "llr_for", "audit_batch_mechanism",
            "mechanism_audit_run_dir", "load_run"]
@@ -46,7 +46,7 @@ __all__ = ["BIG", "rebuild_privacy", "dirac_release", "reference_release", "llr_
 BIG = 1000.0  # canary norm / C
 
 
-PRESENT_PER_CALL = 512      # Dirac canaries per call when every row is a canary: (k+1, k) dense rows
+PRESENT_PER_CALL = 512
 ABSENT_PER_CALL = 1 << 17   # coordinates per call of a batch without the canary (one zero-gradient row)
 
 
@@ -71,29 +71,41 @@ def dirac_release(mech: BatchMechanism, steps: int, source: Optional[NoiseSource
     poisson = mech.sampling == "poisson"
     q = mech.sampling_rate if poisson else 1.0
 
-    def call(canary: torch.Tensor) -> np.ndarray:  # canary: (rows, k) -> (k, P) released coordinates / C
-        rows, k = canary.shape
-        grads = {r.part: {"c": canary * r.clip_norm, "z": torch.zeros(rows, 2)} for r in mech.releases}
+    inputs: dict[tuple[int, int, float], dict] = {}  # (rows, k, sign) -> grads; a release never writes its inputs
+
+    def grads_of(rows: int, k: int, sign: float) -> dict:
+        key = (rows, k, sign)
+        if key not in inputs:
+            if len(inputs) > 8:
+                inputs.clear()
+            canary = (torch.cat([torch.eye(k) * (sign * BIG), torch.zeros(1, k)]) if rows > 1
+                      else torch.zeros(1, k))  # (k+1, k): k Dirac canaries + the zero example, or (1, k) zeros
+            inputs[key] = {r.part: {"c": canary * r.clip_norm, "z": torch.zeros(rows, 2)} for r in mech.releases}
+        return inputs[key]
+
+    @torch.inference_mode()
+    def call(rows: int, k: int, sign: float = 1.0) -> np.ndarray:  # -> (k, P) released coordinates / C
+        grads = grads_of(rows, k, sign)
         out = mech(grads, 1.0, src, gen, positions=torch.arange(rows), first_of_epoch=True)
-        cols = []
-        for r in mech.releases:
+        obs = np.empty((k, len(mech.releases)))
+        for j, r in enumerate(mech.releases):
             v = out.values[r.part]
             if r.noise_at == "server":  # the server's one draw on the sum (this client alone)
                 z = r.noise(v, src, server_gen)
                 v = {n: v[n] + z[n] for n in v}
-            cols.append(v["c"].double().numpy() / r.clip_norm)  # (k,)
-        return np.stack(cols, -1)  # (k, P)
+            obs[:, j] = v["c"].numpy()
+            obs[:, j] /= r.clip_norm
+        return obs  # (k, P)
 
     def with_canaries(n: int, sign: float) -> np.ndarray:  # n pairs whose batch holds the canary
         out = []
         for a in range(0, n, PRESENT_PER_CALL):
             k = min(PRESENT_PER_CALL, n - a)
-            rows = torch.cat([torch.eye(k) * (sign * BIG), torch.zeros(1, k)])  # (k+1, k): + the zero example
-            out.append(call(rows))
+            out.append(call(k + 1, k, sign))
         return np.concatenate(out) if out else np.zeros((0, len(mech.releases)))
 
     def without_canary(n: int) -> np.ndarray:  # n pairs whose batch is the zero-gradient example alone
-        out = [call(torch.zeros(1, min(ABSENT_PER_CALL, n - a))) for a in range(0, n, ABSENT_PER_CALL)]
+        out = [call(1, min(ABSENT_PER_CALL, n - a)) for a in range(0, n, ABSENT_PER_CALL)]
         return np.concatenate(out) if out else np.zeros((0, len(mech.releases)))
 
     def release(neighbour: bool, trials: int, rng: np.random.Generator) -> np.ndarray:
@@ -138,22 +150,18 @@ def reference_release(mech: ReferenceBatchMechanism, steps: int, source: Optiona
 
 def llr_for(mech: BatchMechanism, per_part: bool = True) -> dict[str, ScoreFn]:
     """Likelihood-ratio statistics of the mechanism's CLAIMED parameters (worst case above): the
-    joint one over every observed projection, and (``per_part``, when there are several) one per
-    projection, which a fault confined to one part (e.g. one release without noise) cannot hide
-    from behind the others' noise. :func:`audit_mechanism` corrects for the choice among them."""
+    joint one over every observed projection (first: the audit plans its threshold from this claim),
+    and (``per_part``, when there are several) one per projection, which a fault confined to one
+    part (e.g. one release without noise) cannot hide from behind the others' noise.
+    :func:`audit_mechanism` corrects for the choice among them."""
     stds = [r.noise_multiplier for r in mech.releases for _ in range(r.tensors)]
     names = [f"{r.part}{i if r.tensors > 1 else ''}" for r in mech.releases for i in range(r.tensors)]
     pm = isinstance(mech, ReferenceBatchMechanism) or mech.sampling != "poisson"
     q = 1.0 if pm else mech.sampling_rate
-    mu_out = -1.0 if pm else 0.0
-
-    def make(idx: list[int]) -> ScoreFn:
-        f = gaussian_mixture_llr([1.0] * len(idx), [mu_out] * len(idx), [stds[i] for i in idx], q)
-        return lambda obs: f(obs[..., idx])
-
-    out = {f"llr joint (q={q:.4g})": make(list(range(len(stds))))}
+    claim = GaussianMixtureClaim((1.0,) * len(stds), (-1.0 if pm else 0.0,) * len(stds), tuple(stds), q)
+    out = {f"llr joint (q={q:.4g})": claim.llr()}
     if per_part and len(stds) > 1:
-        out.update({f"llr {n} (q={q:.4g})": make([i]) for i, n in enumerate(names)})
+        out.update({f"llr {n} (q={q:.4g})": claim.llr([i]) for i, n in enumerate(names)})
     return out
 
 
@@ -232,10 +240,15 @@ def rebuild_privacy(cfg: RunConfig, ledger: dict[str, Any]):
 
 
 def mechanism_audit_run_dir(run_dir: Union[str, Path], trials: int = 100_000, confidence: float = 0.95,
-                            seed: int = 0, delta: Optional[float] = None, method: str = "bonferroni") -> dict[str, Any]:
+                            seed: int = 0, delta: Optional[float] = None, method: str = "bonferroni",
+                            source: Optional[NoiseSource] = None) -> dict[str, Any]:
     """``attacks.mechanism`` of audit.json for a run: the client whose mechanism spends most
     (largest sampling rate), audited over the run's steps against the accountant's eps of the same
-    mechanism (DP mode) or against the public code's claim (reference mode)."""
+    mechanism (DP mode) or against the public code's claim (reference mode).
+
+    ``source``: the noise of the audited releases; default secret (a fresh ``NoiseSource()``), as
+    in training. A seeded ``NoiseSource(noise_seed=N)`` makes the audit reproducible (tests);
+    ``audit_noise`` in the result says which it was."""
     t0 = time.perf_counter()
     cfg, ledger, summary = load_run(run_dir)
     priv, mism = rebuild_privacy(cfg, ledger)
@@ -251,11 +264,13 @@ def mechanism_audit_run_dir(run_dir: Union[str, Path], trials: int = 100_000, co
     if ref:  # the reference worst case: the client's data is one batch, the canary in every batch
         steps = steps_run
     res = audit_batch_mechanism(mech, steps, d, trials if not ref else min(trials, 2000), claimed_eps=claimed,
-                                accountant=cfg.privacy.accountant, confidence=confidence, method=method, seed=seed)
+                                accountant=cfg.privacy.accountant, confidence=confidence, method=method, seed=seed,
+                                source=source)
     out = res.as_dict()
     out.update({"client": cid, "mechanism": mech.describe(), "epsilon_accounted": res.details["epsilon_accounted"],
                 "epsilon_spent_run": summary.get("epsilon_spent"), "epsilon_claimed": claimed,
                 "mechanism_matches_ledger": True, "seconds_total": time.perf_counter() - t0,
+                "audit_noise": (source or NoiseSource()).describe(),
                 "statistic_note": "per-step log-likelihood ratio of the claimed output distribution "
                                   "(Poisson-subsampled Gaussian), summed over steps",
                 "estimate_note": "eps_estimate is an indicative Gaussian-DP fit (Nasr et al. 2023), not a bound"})
@@ -267,7 +282,7 @@ MECHANISM_ATTACKS = ("mechanism", "replay")
 
 def audit_run_mechanisms(run_dir: Union[str, Path], out: Optional[Union[str, Path]] = None,
                          attacks=MECHANISM_ATTACKS, trials: int = 100_000, confidence: float = 0.95,
-                         seed: int = 0) -> dict[str, Any]:
+                         seed: int = 0, source: Optional[NoiseSource] = None) -> dict[str, Any]:
     """Mechanism-level audits of a run directory (no model is trained): ``mechanism`` (sound bound
     vs the accounted / claimed eps) and ``replay`` (sensitivity, std, ledger events, and the noise
     regenerated from the public seed). Writes ``OUT/audit.json`` (default ``RUN_DIR/audit``)."""
@@ -277,7 +292,7 @@ def audit_run_mechanisms(run_dir: Union[str, Path], out: Optional[Union[str, Pat
     report: dict[str, Any] = {"version": 1, "source": str(run_dir), "mode": cfg.privacy.privacy,
                               "kind": "mechanism-level", "attacks": {}, "findings": []}
     if "mechanism" in attacks:
-        r = mechanism_audit_run_dir(run_dir, trials=trials, confidence=confidence, seed=seed)
+        r = mechanism_audit_run_dir(run_dir, trials=trials, confidence=confidence, seed=seed, source=source)
         report["attacks"]["mechanism"] = r
         if r["verdict"] == "claim refuted":
             what = "claimed" if r["epsilon_claimed"] is not None else "accounted"

@@ -28,7 +28,7 @@ def gaussian_release(mu: float, T: int = 1):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_bound_is_sound_and_refutes_a_low_claim(seed):
-    mu = 2.0  # exact eps at delta 1e-5 is gaussian_eps(1e-5, 2)
+    mu = 1.0  # exact eps at delta 1e-5 is gaussian_eps(1e-5, 1) = 4.38 (at mu = 2, eps 10, 5e4 trials cap the bound)
     true = gaussian_eps(1e-5, mu)
     score = gaussian_mixture_llr([mu / 2], [0.0], [1.0], 1.0)  # T=4 steps, shift mu/2 each
     r = audit_mechanism(gaussian_release(mu, 4), score, 1e-5, 50_000, claimed_eps=true, seed=seed)

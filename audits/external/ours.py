@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
+
+from dpfpl.privacy.randomness import NoiseSource
 
 from ..mechanism import MechanismAuditResult
 from ..mechanism_run import load_run, mechanism_audit_run_dir
@@ -29,12 +31,14 @@ def run_dir_for(mode: str, eps: float, runs: Union[str, Path] = RUNS) -> Path:
     return Path(runs) / f"dpfpl_{tag}{eps:g}_s0"
 
 
-def audit_ours(run_dir: Union[str, Path], trials: int, *, seed: int = 0, command: str = "") -> ExternalAudit:
+def audit_ours(run_dir: Union[str, Path], trials: int, *, seed: int = 0, command: str = "",
+               source: Optional[NoiseSource] = None) -> ExternalAudit:
     """One row of ``dpfpl audit RUN_DIR --attack mechanism --trials TRIALS`` (reference mode caps
-    the trials at 2000 there, as here)."""
+    the trials at 2000 there, as here). ``source``: the audited releases' noise (default secret;
+    a seeded one reproduces the CLI's numbers exactly)."""
     t0 = time.perf_counter()
     cfg, _, _ = load_run(run_dir)
-    out = mechanism_audit_run_dir(run_dir, trials=trials, seed=seed)
+    out = mechanism_audit_run_dir(run_dir, trials=trials, seed=seed, source=source)
     res = MechanismAuditResult(**{k: out[k] for k in MechanismAuditResult.__dataclass_fields__})
     mode = cfg.privacy.privacy
     claim_by = (f"dpfpl accountant ({cfg.privacy.accountant})" if mode == "dp"
