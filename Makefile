@@ -31,10 +31,10 @@ audits: setup
 	$(BIN)/dpfpl audit --train --control negative $(CONTROL_ATTACKS) --out results/audits/controls/negative
 	$(BIN)/python -m audits.zoo --trials 20000 --seeds 3 --out results/audits
 
-# sound bound / accounted eps of every method's real mechanism (~15 min on 2 cores; not in make audits)
+# sound bound / accounted eps of every method's real mechanism (~4 min on 2 cores)
 tightness: setup
-	$(BIN)/python -m audits.tightness --preset audits --methods dpfpl fedpgp fedotp promptfl local \
-		--eps 4 2 1 --trials 1000000 --out results/audits/tightness
+	$(BIN)/python -m audits.tightness --preset audits --methods dpfpl dpfpl-nores fedpgp fedotp promptfl \
+		fedprompt local --eps 4 2 1 --trials 1000000 --out results/audits/tightness
 
 # every speed figure (vectorised clients, per-example strategies + Opacus, feature cache, start-up) into
 # results/microbench/README.md (~15 min on 2 cores), then the pytest-benchmark micro-timings

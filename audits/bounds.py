@@ -216,16 +216,24 @@ def eps_lower_bound_from_roc(scores: Any, is_member: Any, delta: float,
 
     if method == "bonferroni":
         u = rng.random(s.size)  # independent tie-breaker: randomised threshold test
-        order = np.lexsort((u, s))  # ascending by (score, u); keys distinct almost surely
-        rank = np.empty(s.size, dtype=np.int64)
-        rank[order] = np.arange(s.size)
-        r_non = np.sort(rank[~y])[::-1]  # non-member ranks, descending
-        r_mem = np.sort(rank[y])
-        n1, n0 = r_mem.size, r_non.size
+        s_mem, s_non = np.sort(s[y]), np.sort(s[~y])[::-1]  # members ascending, non-members descending
+        pooled = np.sort(s)
+        ties = bool(np.any(pooled[1:] == pooled[:-1]))
+        n1, n0 = s_mem.size, s_non.size
         fp = _fp_grid(n0, n_thr)
         m = fp.size
-        thr_rank = r_non[fp]  # (fp+1)-th largest non-member; fp non-members lie strictly above
-        tp = n1 - np.searchsorted(r_mem, thr_rank, side="right")
+        if not ties:  # distinct scores: (score, u) order is the score order, no tie-breaker needed
+            thr_val = s_non[fp]  # (fp+1)-th largest non-member; fp non-members lie strictly above
+            tp = n1 - np.searchsorted(s_mem, thr_val, side="right")
+        else:
+            order = np.lexsort((u, s))  # ascending by (score, u); keys distinct almost surely
+            rank = np.empty(s.size, dtype=np.int64)
+            rank[order] = np.arange(s.size)
+            r_non = np.sort(rank[~y])[::-1]  # non-member ranks, descending
+            r_mem = np.sort(rank[y])
+            thr_rank = r_non[fp]
+            tp = n1 - np.searchsorted(r_mem, thr_rank, side="right")
+            thr_val = s[order[thr_rank]]
         a_each = a_family / m
         tpr_lo = _cp_lower(tp, n1, a_each)
         fpr_hi = _cp_upper(fp, n0, a_each)
@@ -235,7 +243,7 @@ def eps_lower_bound_from_roc(scores: Any, is_member: Any, delta: float,
         eps = float(best_each[i])
         return {
             "eps_lower_bound": max(0.0, eps) if np.isfinite(eps) else 0.0,
-            "threshold": float(s[order[thr_rank[i]]]),
+            "threshold": float(thr_val[i]),
             "direction": "tpr/fpr" if fwd[i] >= sym[i] else "tnr/fnr",
             "tp": int(tp[i]), "fp": int(fp[i]), "n_members": int(n1), "n_nonmembers": int(n0),
             "tpr_lo": float(tpr_lo[i]), "fpr_hi": float(fpr_hi[i]), "n_candidates": int(m),
@@ -309,10 +317,11 @@ def plan_threshold(pilot_in: Any, pilot_out: Any, n_members: int, n_nonmembers: 
     only, the audit's test needs no multiple-testing correction.
 
     ``llr=True``: the scores ARE the claim's log-likelihood ratio S = log dP_in/dP_out, so
-    P_out(S > t) = E_in[e^-S 1{S > t}] and P_in(S <= t) = E_out[e^S 1{S <= t}]: each small tail
-    is estimated from the world that populates it (exponential tilting), which removes most of the
-    pilot's noise at the low false-positive rates a tight audit lives at. Candidates whose deciding
-    tail holds fewer than ``min_count`` pilot scores are skipped.
+    P_out(S > t) = E_in[e^-S 1{S > t}] and P_in(S <= t) = E_out[e^S 1{S <= t}]: each small tail is
+    estimated from the world whose samples support it better (the plain count, or the importance
+    estimate's effective sample size), which removes most of the pilot's noise, and its winner's
+    curse, at the low false-positive rates a tight audit lives at. Candidates whose deciding tail
+    rests on fewer than ``min_count`` (effective) pilot samples are skipped.
     """
     pi = np.sort(np.asarray(pilot_in, dtype=np.float64).ravel())
     po = np.sort(np.asarray(pilot_out, dtype=np.float64).ravel())
@@ -322,26 +331,36 @@ def plan_threshold(pilot_in: Any, pilot_out: Any, n_members: int, n_nonmembers: 
     d, a = _check_delta(delta), _check_alpha(alpha)
     n1 = _check_count("n_members", n_members, minimum=1)
     n0 = _check_count("n_nonmembers", n_nonmembers, minimum=1)
-    fr = np.geomspace(min_count / min(pi.size, po.size), 0.5, 400)
-    src_hi, src_lo = (pi, po) if llr else (po, pi)  # where the upper / lower tails are sampled
-    cand = np.unique(np.r_[src_hi[np.clip(np.round((1 - fr) * src_hi.size).astype(np.int64), 0, src_hi.size - 1)],
-                           src_lo[np.clip(np.round(fr * src_lo.size).astype(np.int64), 0, src_lo.size - 1)]])
+    fr = np.geomspace(min_count / min(pi.size, po.size), 0.5, 200)
+    fr = np.r_[fr, 1.0 - fr]  # both tails of both worlds: the best threshold may sit in either, or between them
+
+    def quantiles(x: np.ndarray) -> np.ndarray:
+        return x[np.clip(np.round(fr * x.size).astype(np.int64), 0, x.size - 1)]
+
+    cand = np.unique(np.r_[quantiles(pi), quantiles(po), (pi[0] + po[-1]) / 2])
     above_i = pi.size - np.searchsorted(pi, cand, side="right")  # pilot members with S > t
     above_o = po.size - np.searchsorted(po, cand, side="right")
-    tp_rate = above_i / pi.size
+    below_i, below_o = pi.size - above_i, po.size - above_o
+    tp_rate, fp_rate, fn_rate = above_i / pi.size, above_o / po.size, below_i / pi.size
+    n_fp, n_fn = above_o.astype(np.float64), below_i.astype(np.float64)  # samples behind each small tail
     if llr:
-        # tail sums of e^-S over members above t, and of e^S over non-members at or below t
-        w_i = np.r_[np.cumsum(np.exp(-pi)[::-1])[::-1], 0.0]  # w_i[k] = sum_{j >= k} e^-pi[j]
-        w_o = np.r_[0.0, np.cumsum(np.exp(np.minimum(po, 700.0)))]  # w_o[k] = sum_{j < k} e^po[j]
-        fp_rate = np.minimum(1.0, w_i[pi.size - above_i] / pi.size)
-        fn_rate = np.minimum(1.0, w_o[po.size - above_o] / po.size)  # P_in(S <= t)
-        ok_fwd, ok_sym = above_i >= min_count, (po.size - above_o) >= min_count
-        tp_fwd, tp_sym = tp_rate, 1.0 - fn_rate
-        fp_fwd, fp_sym = fp_rate, above_o / po.size
-    else:
-        fp_fwd = fp_sym = above_o / po.size
-        tp_fwd = tp_sym = tp_rate
-        ok_fwd, ok_sym = above_o >= min_count, (pi.size - above_i) >= min_count
+        # importance estimates and their effective sample sizes (sum w)^2 / sum w^2, in logs (no overflow):
+        # P_out(S > t) from members above t with weights e^-S, P_in(S <= t) from non-members below with e^S
+        lw_i = np.r_[np.logaddexp.accumulate(-pi[::-1])[::-1], -np.inf]       # log sum_{j >= k} e^-pi_j
+        lw2_i = np.r_[np.logaddexp.accumulate(-2 * pi[::-1])[::-1], -np.inf]
+        lw_o = np.r_[-np.inf, np.logaddexp.accumulate(po)]                    # log sum_{j < k} e^po_j
+        lw2_o = np.r_[-np.inf, np.logaddexp.accumulate(2 * po)]
+        k_i, k_o = below_i, below_o  # first member above t; non-members at or below t
+        with np.errstate(invalid="ignore", over="ignore"):
+            ess_fp = np.nan_to_num(np.exp(2 * lw_i[k_i] - lw2_i[k_i]))
+            ess_fn = np.nan_to_num(np.exp(2 * lw_o[k_o] - lw2_o[k_o]))
+        use_fp, use_fn = ess_fp > n_fp, ess_fn > n_fn  # the estimate resting on more (effective) samples
+        fp_rate = np.where(use_fp, np.minimum(1.0, np.exp(lw_i[k_i]) / pi.size), fp_rate)
+        fn_rate = np.where(use_fn, np.minimum(1.0, np.exp(lw_o[k_o]) / po.size), fn_rate)
+        n_fp, n_fn = np.maximum(n_fp, ess_fp), np.maximum(n_fn, ess_fn)
+    ok_fwd, ok_sym = n_fp >= min_count, n_fn >= min_count
+    tp_fwd, tp_sym = tp_rate, 1.0 - fn_rate
+    fp_fwd = fp_sym = fp_rate
     fwd, _, _, _ = _bound_at_counts(tp_fwd * n1, n1, fp_fwd * n0, n0, d, a)
     _, sym, _, _ = _bound_at_counts(tp_sym * n1, n1, fp_sym * n0, n0, d, a)
     fwd = np.where(ok_fwd, fwd, -np.inf)

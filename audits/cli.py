@@ -50,7 +50,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"attack to run (repeatable): {', '.join(ATTACKS)}; mechanism-level (RUN_DIR only, no "
                         f"training): {', '.join(MECHANISM_ATTACKS)}")
     p.add_argument("--trials", type=int, default=100_000,
-                   help="mechanism attack: independent trials per world (default 100000)")
+                   help="mechanism attack: independent trials of the canary world (default 100000; the other "
+                        "world gets 4x as many under Poisson sampling)")
     p.add_argument("--out", dest="audit_out", default=None,
                    help="output folder (default: RUN_DIR/audit, or runs/audit-<method>-<dataset>[-control])")
     p.add_argument("--shadows", type=int, default=4, help="shadow/reference models for shadow, lira, rmia (default 4)")
@@ -118,7 +119,8 @@ def _print_mechanism_summary(report: dict[str, Any], out: Path) -> None:
     m = report["attacks"].get("mechanism")
     if m:
         print(f"mechanism: sound eps lower bound {m['eps_lower_bound']:.3f} (confidence {m['confidence']}, "
-              f"{m['trials']} trials/world, {m['steps']} steps, {m['statistic']}) vs "
+              f"{m['trials']} / {m.get('trials_other') or m['trials']} trials (canary / other world), {m['steps']} "
+              f"steps, {m['statistic']}) vs "
               f"{'claimed' if m['epsilon_claimed'] is not None else 'accounted'} eps {m['claimed_eps']:.3f}: "
               f"{m['verdict']}; GDP estimate (not a bound) {m['eps_estimate']}")
     r = report["attacks"].get("replay")

@@ -30,7 +30,7 @@ __all__ = ["AUDIT_KEYS", "MECHANISM_KEYS", "find_audit_hook", "normalize_audit",
 AUDIT_KEYS = ("auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "eps_lower_bound", "confidence", "bound_sound",
               "epsilon_spent", "epsilon_claimed", "flags")
 MECHANISM_KEYS = ("eps_lower_bound", "bound_sound", "claimed_eps", "epsilon_accounted", "epsilon_claimed", "verdict",
-                  "tightness", "trials", "steps", "statistic", "confidence", "eps_estimate", "seconds")
+                  "tightness", "trials", "trials_other", "steps", "statistic", "confidence", "eps_estimate", "seconds")
 MECHANISM_ATTACKS = ("mechanism", "replay")  # == audits.mechanism_run.MECHANISM_ATTACKS (test)
 _MECHANISM_OPTIONS = ("mechanism_trials", "mechanism_seed")
 

@@ -174,3 +174,24 @@ def test_bench_hook_runs_mechanism_attacks_and_the_report_shows_them(tiny_clip, 
                        "epsilon_pld": [3.9], "mechanism_eps_lower_bound": [m["eps_lower_bound"]]})
     t = privacy_table(df)
     assert "mechanism audit eps (sound lower bound)" in t.body.columns
+
+
+def test_tightness_table_audits_each_distinct_mechanism_once(tmp_path, capsys):
+    """`python -m audits.tightness`: one row per method x eps, methods whose release objects are equal share
+    one audit (and say so), the other world gets 4x the trials, and a correct mechanism is never refuted."""
+    from audits.tightness import main
+
+    assert main(["--methods", "dpfpl", "fedpgp", "promptfl", "--eps", "4", "--trials", "3000", "--workers", "1",
+                 "--out", str(tmp_path)]) == 0
+    rows = [json.loads(ln) for ln in (tmp_path / "tightness.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["eps_target"]) for r in rows] == [("dpfpl", 4.0), ("fedpgp", 4.0), ("promptfl", 4.0)]
+    by = {r["method"]: r for r in rows}
+    assert by["fedpgp"]["audited_as"] == "dpfpl" and by["dpfpl"]["audited_as"] is None
+    assert by["fedpgp"]["eps_lower_bound"] == by["dpfpl"]["eps_lower_bound"]
+    assert by["promptfl"]["audited_as"] is None and set(by["promptfl"]["noise_multipliers"]) == {"global"}
+    assert all(r["trials"] == 3000 and r["trials_other"] == 12000 and r["verdict"] == "consistent"
+               and 0 < r["eps_lower_bound"] <= r["eps_accounted"] for r in rows)
+    table = (tmp_path / "table_tightness.md").read_text()
+    assert "(as dpfpl)" in table and "python -m audits.tightness --methods dpfpl" in table
+    with pytest.raises(ConfigError, match="zeroshot"):
+        main(["--methods", "zeroshot", "--out", str(tmp_path)])

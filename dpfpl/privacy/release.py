@@ -47,19 +47,25 @@ def parse_clip_unit(unit: str) -> tuple[str, int]:
     raise ConfigError(f"privacy.clip_unit={unit!r}: expected example, microbatch:M (M >= 1) or batch")
 
 
-def clip_and_sum(grads: dict[str, torch.Tensor], units: torch.Tensor, n_units: int, C: float) -> dict[str, torch.Tensor]:
+def clip_and_sum(grads: dict[str, torch.Tensor], units: Optional[torch.Tensor], n_units: int,
+                 C: float) -> dict[str, torch.Tensor]:
     """Sum per clipping unit, clip each unit's joint norm (over all tensors) to C, sum the units.
 
-    grads: name -> (B, *shape); units: (B,) unit id of each example in [0, n_units).
-    Returns name -> (*shape); each unit contributes a vector of joint norm <= C.
+    grads: name -> (B, *shape); units: (B,) unit id of each example in [0, n_units), or None when
+    every example is its own unit (per-example clipping: no per-unit sum is formed).
+    Returns name -> (*shape): sum_u min(1, C / ||g_u||) g_u, each unit a vector of joint norm <= C.
     """
     if not grads:
         return {}
-    sums = {k: torch.zeros(n_units, *g.shape[1:], dtype=g.dtype, device=g.device).index_add_(0, units, g)
-            for k, g in grads.items()}  # (U, *shape)
-    sq = sum(s.flatten(1).pow(2).sum(1) for s in sums.values())  # (U,)
+    if units is None:
+        sums = {k: g.flatten(1) for k, g in grads.items()}  # (B, D_k) views
+    else:
+        sums = {k: torch.zeros(n_units, *g.shape[1:], dtype=g.dtype, device=g.device).index_add_(0, units, g).flatten(1)
+                for k, g in grads.items()}  # (U, D_k)
+    sq = sum(torch.linalg.vector_norm(s, dim=1) ** 2 for s in sums.values())  # (U,) squared joint norms
     factor = (C / (sq.sqrt() + 1e-12)).clamp(max=1.0)  # (U,)
-    return {k: (s * factor.view(-1, *[1] * (s.dim() - 1))).sum(0) for k, s in sums.items()}
+    shapes = {k: g.shape[1:] for k, g in grads.items()}
+    return {k: (factor.to(s.dtype) @ s).reshape(shapes[k]) for k, s in sums.items()}  # (U,) @ (U, D_k) -> (D_k,)
 
 
 @dataclass(frozen=True)
@@ -134,11 +140,11 @@ class BatchMechanism:
             return NOOP
         return self.joint_event
 
-    def units(self, B: int, positions: Optional[torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """Clipping unit of each of the B examples: itself, the whole batch, or its microbatch
-        (fixed groups of M consecutive training positions: ``positions // M``)."""
+    def units(self, B: int, positions: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], int]:
+        """Clipping unit of each of the B examples: itself (None: no grouping), the whole batch, or its
+        microbatch (fixed groups of M consecutive training positions: ``positions // M``)."""
         if self.clip_unit == "example":
-            return torch.arange(B), B
+            return None, B  # each example its own unit
         if self.clip_unit == "batch":
             return torch.zeros(B, dtype=torch.long), 1
         if positions is None:
