@@ -4,10 +4,10 @@ The auditor controls the inputs of the mechanism and sees every output (Nasr et 
 Auditing of Differentially Private Machine Learning", USENIX Security 2023): it runs the release
 many times in two neighbouring worlds (canary present / canary absent or replaced) and tests which
 world produced each trial's outputs. Each trial is an independent run of the mechanism, so the
-scores of the two worlds are i.i.d. samples, and the threshold test of
-:func:`audits.bounds.eps_lower_bound_from_roc` (Clopper-Pearson, Bonferroni over a fixed grid of
-thresholds or a held-out split) gives a lower bound that exceeds the true eps with probability at
-most ``1 - confidence``.
+scores of the two worlds are i.i.d. samples, and threshold tests (Clopper-Pearson: one threshold
+planned from the claim, :func:`audits.bounds.plan_threshold`, and a Bonferroni grid or held-out
+split, :func:`audits.bounds.eps_lower_bound_from_roc`) give a lower bound that exceeds the true eps
+with probability at most ``1 - confidence``.
 
 Contract of a release function under test (what an adapter writes, e.g. for Opacus or Flower)::
 

@@ -2,8 +2,8 @@
 audits that must flag them (issue 10, section 4). Re-run: ``python -m audits.zoo [--trials N]``
 writes results/audits/zoo.md and zoo.json.
 
-An audit flags a mechanism when: ``mechanism`` - its sound lower bound (Clopper-Pearson,
-Bonferroni over thresholds, 95%) exceeds the eps the mechanism's own events account;
+An audit flags a mechanism when: ``mechanism`` - its sound lower bound (Clopper-Pearson, 95%:
+the planned likelihood-ratio test and the Bonferroni grid of :func:`audits.mechanism.audit_mechanism`) exceeds the eps the mechanism's own events account;
 ``replay`` - a measured sensitivity, noise std or batch event differs from the declared one
 (Cebere et al. 2026); ``seed`` - a noise draw is regenerated from the run's public seed.
 Correct mechanisms (the first rows) must never be flagged.
@@ -190,7 +190,9 @@ def main(argv=None) -> int:
     md = (f"# Planted-bug zoo\n\nCommand: `{cmd}` ({time.perf_counter() - t0:.0f} s on this machine). Every bug "
           f"flagged and no correct mechanism flagged: **{ok}**.\n\nMechanism audit: DP-FPL's two parts "
           f"(local client-noised, global server-noised), q={Q}, T={T} steps, accounted eps {EPS} (RDP, delta "
-          f"{DELTA}); sound bound = Clopper-Pearson, Bonferroni over 64 thresholds, 95%. Reference rows: 4 "
+          f"{DELTA}); sound bound = Clopper-Pearson at 95% (the claim's likelihood ratio at a threshold planned "
+          "from the claim, and a Bonferroni grid over 64 thresholds and every statistic; trials = canary world, "
+          "4x as many of the other under Poisson). Reference rows: 4 "
           "epochs, canary in every batch. Replay: neighbouring inputs with identical randomness (sensitivity), "
           "noise std on a zero input, the batch's event vs the one its releases imply, ledger events per batch. "
           "Seed: the first noise draw regenerated from config.json's seed.\n\n" + _table(rows))
