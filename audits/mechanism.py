@@ -44,8 +44,8 @@ from dpfpl.errors import ConfigError
 
 from .bounds import eps_lower_bound_at_threshold, eps_lower_bound_from_roc, gaussian_eps, plan_threshold
 
-__all__ = ["ReleaseFn", "ScoreFn", "MechanismAuditResult", "audit_mechanism", "GaussianMixtureClaim", "gaussian_mixture_llr",
-           "sum_statistic", "gdp_estimate", "accounted_epsilon", "neighbouring_release"]
+__all__ = ["ReleaseFn", "ScoreFn", "MechanismAuditResult", "audit_mechanism", "GaussianMixtureClaim",
+           "gaussian_mixture_llr", "sum_statistic", "gdp_estimate", "accounted_epsilon", "neighbouring_release"]
 
 ReleaseFn = Callable[[bool, int, np.random.Generator], np.ndarray]  # -> (trials, T, P)
 ScoreFn = Callable[[np.ndarray], np.ndarray]                        # (trials, T, P) -> (trials,)
@@ -60,7 +60,7 @@ class MechanismAuditResult:
     claimed_eps: Optional[float]
     verdict: str                    # "consistent" or "claim refuted"
     statistic: str
-    method: str                     # bonferroni | holdout
+    method: str                     # bonferroni | holdout, or planned+bonferroni | planned+holdout
     confidence: float
     delta: float
     trials: int                     # of the canary world

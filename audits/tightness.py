@@ -83,7 +83,8 @@ def tightness_row(mech, steps: int, delta: float, trials: int, accountant: str, 
             "noise_multipliers": parts, "eps_accounted": r.claimed_eps, "eps_lower_bound": r.eps_lower_bound,
             "ratio": r.eps_lower_bound / r.claimed_eps if r.claimed_eps else None, "verdict": r.verdict,
             "statistic": r.statistic, "test": "planned" if "[planned threshold]" in r.statistic else "grid",
-            "expected_planned": (r.details.get("planned") or {}).get("expected_eps"), "eps_estimate": r.eps_estimate, "tp": r.details["tp"], "fp": r.details["fp"],
+            "expected_planned": (r.details.get("planned") or {}).get("expected_eps"),
+            "eps_estimate": r.eps_estimate, "tp": r.details["tp"], "fp": r.details["fp"],
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -226,7 +227,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from bench.render import write_table
 
     paths = write_table(_table(rows, command, wall, a.workers), out)
-    print(f"{len(rows)} settings in {wall:.0f} s wall ({a.workers} worker(s)); wrote " + ", ".join(str(x) for x in paths))
+    print(f"{len(rows)} settings in {wall:.0f} s wall ({a.workers} worker(s)); wrote "
+          + ", ".join(str(x) for x in paths))
     return 0
 
 
