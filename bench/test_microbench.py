@@ -78,8 +78,13 @@ def _engine(method: str, private: bool, clip, dataset):
     if key not in _ENGINES:
         ov = dict(BASE, method=method)
         if private:
-            # explicit noise multipliers: the step's cost, without the calibration search
-            ov.update(privacy="dp", noise_multiplier_local=1.0, noise_multiplier_global=1.0)
+            # explicit noise multipliers (for the parts the method has: another is an error): the step's cost,
+            # without the calibration search
+            from dpfpl.registry import get_method
+
+            m = get_method(method)
+            ov.update(privacy="dp", **({"noise_multiplier_local": 1.0} if m.uses_local else {}),
+                      **({"noise_multiplier_global": 1.0} if m.uses_global else {}))
         _ENGINES[key] = Engine(RunConfig().update(ov), clip=clip, dataset=dataset)
     return _ENGINES[key]
 
