@@ -36,6 +36,12 @@ tightness: setup
 	$(BIN)/python -m audits.tightness --preset audits --methods dpfpl dpfpl-nores fedpgp fedotp promptfl \
 		fedprompt local --eps 4 2 1 --trials 1000000 --out results/audits/tightness
 
+# results/external: Opacus' and Flower's DP code paths audited with the same mechanism audit (~10 min on
+# 2 cores; installs the bench extra for Opacus)
+external-audits: setup
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints-cpu.txt -e ".[bench]"
+	$(BIN)/python -m audits.external --out results/external
+
 # every speed figure (vectorised clients, per-example strategies + Opacus, feature cache, start-up) into
 # results/microbench/README.md (~15 min on 2 cores), then the pytest-benchmark micro-timings
 microbench: setup
