@@ -4,7 +4,8 @@ Each adapter turns a real, unmodified code path of a library into a release func
 ``release(neighbour, trials, rng) -> (trials, T, P)`` on worst-case neighbouring inputs (Nasr et
 al., "Tight Auditing of Differentially Private Machine Learning", USENIX Security 2023: Dirac
 canaries far outside the clip norm, everything else zero, every step observed), and compares the
-SOUND eps lower bound (Clopper-Pearson, Bonferroni over thresholds, 95%) with the eps the library
+SOUND eps lower bound (Clopper-Pearson, 95%: a threshold planned from the claim and a Bonferroni grid,
+:func:`audits.mechanism.audit_mechanism`) with the eps the library
 (or its documentation, accounted by dp-accounting) claims for the same settings:
 
 - :mod:`audits.external.opacus`: ``PrivacyEngine.make_private`` with Poisson sampling, with and
@@ -40,7 +41,7 @@ class ExternalAudit:
     eps_lower_bound: float          # SOUND at ``confidence``
     ratio: float                    # eps_lower_bound / claimed_eps
     verdict: str                    # "consistent" | "claim refuted"
-    trials: int                     # per world
+    trials: int                     # of the canary world
     steps: int                      # releases per trial (T)
     seconds: float                  # wall time of the audit (both worlds)
     confidence: float
@@ -50,6 +51,7 @@ class ExternalAudit:
     settings: dict[str, Any] = field(default_factory=dict)      # everything needed to reproduce
     checks: dict[str, Any] = field(default_factory=dict)        # what was observed of the library's state
     command: str = ""
+    trials_other: Optional[int] = None  # of the other world (None: as many as ``trials``)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,4 +69,5 @@ def row_from(adapter: str, eps_target: float, claim_by: str, res: MechanismAudit
                          steps=res.steps, seconds=float(res.seconds if seconds is None else seconds),
                          confidence=res.confidence, delta=res.delta, eps_estimate=res.eps_estimate,
                          eps_beside=dict(eps_beside or {}), settings=dict(settings or {}),
-                         checks=dict(checks or {}), command=command)
+                         checks=dict(checks or {}), command=command,
+                         trials_other=res.trials_other if res.trials_other != res.trials else None)

@@ -1,7 +1,7 @@
 """DP-FPL's own mechanisms through the same table: ``dpfpl audit RUN_DIR --attack mechanism``'s function.
 
 :func:`audit_ours` calls :func:`audits.mechanism_run.mechanism_audit_run_dir` (what ``dpfpl audit
-RUN_DIR --attack mechanism`` calls, same defaults: seed 0, 95%, Bonferroni) on a run directory, so
+RUN_DIR --attack mechanism`` calls, same defaults: seed 0, 95%, planned test + Bonferroni grid) on a run directory, so
 its numbers are those of the CLI at the same ``--trials``. DP mode's claim is the run's accountant
 eps of the rebuilt mechanism; reference mode's claim is the public code's claimed eps (which the
 audit refutes: batch-mean clipping moves the mean by 2C, see :mod:`audits.mechanism_run`).
