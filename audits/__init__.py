@@ -9,8 +9,8 @@ in :mod:`audits.external`)::
 """
 
 from .bounds import gaussian_eps
-from .mechanism import (MechanismAuditResult, ReleaseFn, ScoreFn, accounted_epsilon, audit_mechanism,
-                        gaussian_mixture_llr, neighbouring_release, sum_statistic)
+from .mechanism import (GaussianMixtureClaim, MechanismAuditResult, ReleaseFn, ScoreFn, accounted_epsilon,
+                        audit_mechanism, gaussian_mixture_llr, neighbouring_release, sum_statistic)
 
-__all__ = ["MechanismAuditResult", "ReleaseFn", "ScoreFn", "accounted_epsilon", "audit_mechanism",
-           "gaussian_eps", "gaussian_mixture_llr", "neighbouring_release", "sum_statistic"]
+__all__ = ["GaussianMixtureClaim", "MechanismAuditResult", "ReleaseFn", "ScoreFn", "accounted_epsilon",
+           "audit_mechanism", "gaussian_eps", "gaussian_mixture_llr", "neighbouring_release", "sum_statistic"]
