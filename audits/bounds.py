@@ -358,13 +358,9 @@ def plan_threshold(pilot_in: Any, pilot_out: Any, n_members: int, n_nonmembers: 
         fp_rate = np.where(use_fp, np.minimum(1.0, np.exp(lw_i[k_i]) / pi.size), fp_rate)
         fn_rate = np.where(use_fn, np.minimum(1.0, np.exp(lw_o[k_o]) / po.size), fn_rate)
         n_fp, n_fn = np.maximum(n_fp, ess_fp), np.maximum(n_fn, ess_fn)
-    ok_fwd, ok_sym = n_fp >= min_count, n_fn >= min_count
-    tp_fwd, tp_sym = tp_rate, 1.0 - fn_rate
-    fp_fwd = fp_sym = fp_rate
-    fwd, _, _, _ = _bound_at_counts(tp_fwd * n1, n1, fp_fwd * n0, n0, d, a)
-    _, sym, _, _ = _bound_at_counts(tp_sym * n1, n1, fp_sym * n0, n0, d, a)
-    fwd = np.where(ok_fwd, fwd, -np.inf)
-    sym = np.where(ok_sym, sym, -np.inf)
+    # TPR/FPR direction: members above t; TNR/FNR direction: members at or below t (1 - TPR = FNR)
+    fwd = np.where(n_fp >= min_count, _bound_at_counts(tp_rate * n1, n1, fp_rate * n0, n0, d, a)[0], -np.inf)
+    sym = np.where(n_fn >= min_count, _bound_at_counts((1.0 - fn_rate) * n1, n1, fp_rate * n0, n0, d, a)[1], -np.inf)
     best = np.maximum(fwd, sym)
     i = int(np.argmax(best))
     return {"threshold": float(cand[i]), "direction": "tpr/fpr" if fwd[i] >= sym[i] else "tnr/fnr",

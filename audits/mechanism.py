@@ -268,9 +268,9 @@ def audit_mechanism(release: ReleaseFn, score: Union[ScoreFn, Mapping[str, Score
 
     The largest bound is reported. The claim is ``claimed_eps`` or, if ``events`` is given, the
     accountant's eps of them. ``verdict`` is "claim refuted" iff the sound bound exceeds the claim.
-    ``chunk``: trials per release call (memory). Randomness of the worlds and the pilot:
-    ``numpy.random.default_rng(seed)`` (the release's own noise may come from anywhere; it must not
-    depend on ``neighbour`` other than through the canary).
+    ``chunk``: trials per release call (memory). Randomness of the worlds:
+    ``numpy.random.default_rng(seed)``, of the pilot ``default_rng([seed, 1])`` (the release's own
+    noise may come from anywhere; it must not depend on ``neighbour`` other than through the canary).
     """
     n_other = int(trials if trials_other is None else trials_other)
     if trials < 2 or n_other < 2:

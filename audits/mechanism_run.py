@@ -46,7 +46,7 @@ __all__ = ["BIG", "rebuild_privacy", "dirac_release", "reference_release", "llr_
 BIG = 1000.0  # canary norm / C
 
 
-PRESENT_PER_CALL = 512
+PRESENT_PER_CALL = 512      # Dirac canaries per call when every row is a canary: (k+1, k) dense rows
 ABSENT_PER_CALL = 1 << 17   # coordinates per call of a batch without the canary (one zero-gradient row)
 
 
@@ -129,7 +129,8 @@ def reference_release(mech: ReferenceBatchMechanism, steps: int, source: Optiona
 
     def release(neighbour: bool, trials: int, rng: np.random.Generator) -> np.ndarray:
         sign = BIG if neighbour else -BIG
-        names = {r.part: [[f"{r.part}{i}/{j}" for j in range(trials)] for i in range(r.tensors)] for r in mech.releases}
+        names = {r.part: [[f"{r.part}{i}/{j}" for j in range(trials)] for i in range(r.tensors)]
+                 for r in mech.releases}
         # the same inputs every step (a release never writes its inputs): each trial its own named tensor
         grads = {r.part: {n: torch.full((1,), sign * r.clip_norm) for row in names[r.part] for n in row}
                  for r in mech.releases}

@@ -165,16 +165,11 @@ def audit_settings(jobs: list[dict[str, Any]], workers: int = 2) -> list[dict[st
         # frozen dataclasses: equal = same class (and release classes) and equal fields, so a subclass that
         # behaves differently is never folded into another method's audit
         groups.setdefault((mech, steps), []).append(i)
-    firsts = [idx[0] for idx in groups.values()]
-    audited = dict(zip(firsts, _pmap(_audit, [(*built[i], jobs[i]) for i in firsts], workers)))
-    rows = []
-    for idx in groups.values():
-        head = audited[idx[0]]
-        for i in idx:
-            rows.append({**head, "method": jobs[i]["method"], "eps_target": jobs[i]["eps"],
-                         "audited_as": None if i == idx[0] else jobs[idx[0]]["method"]})
-    order = {(j["method"], j["eps"]): k for k, j in enumerate(jobs)}
-    return sorted(rows, key=lambda r: order[(r["method"], r["eps_target"])])
+    first = {i: idx[0] for idx in groups.values() for i in idx}  # job -> the job whose audit it shares
+    heads = sorted(set(first.values()))
+    audited = dict(zip(heads, _pmap(_audit, [(*built[i], jobs[i]) for i in heads], workers)))
+    return [{**audited[first[i]], "method": job["method"], "eps_target": job["eps"],
+             "audited_as": None if first[i] == i else jobs[first[i]]["method"]} for i, job in enumerate(jobs)]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
