@@ -136,7 +136,7 @@ def measure(batch_sizes: list[int], repeats: int, device_name_: str = "cpu") -> 
                    "repeats": t.repeats, "peak_mib": peak, "max_rel_diff_vs_vjp": rel,
                    "chunk_size": B if name == "vjp-unchunked" else chunk}
             if name == "auto":
-                row["picked"] = grads.choose_strategy(enc, ctx, B, chunk)
+                row["picked"] = grads.choose_strategy(enc, ctx, B)
             rows.append(row)
             print(f"B={B:5d} {name:14s} {t.median_s * 1e3:9.1f} ms  peak {row['peak_mib'] or float('nan'):8.1f} MiB"
                   f"  rel diff {rel:.1e}", flush=True)

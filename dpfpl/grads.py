@@ -16,7 +16,8 @@ so G_i = J^T u_i with J = d f_txt / d ctx, a (C*E, P) matrix, P = n_ctx * D. Two
 - ``"jacobian"``: J once per step, then G (B, P) = U (B, C*E) @ J (C*E, P): one matrix product
   for all examples, so the encoder's cost does not grow with B. Class c's feature depends on ctx
   only through class c's own sequence, so J takes E reverse passes (basis cotangents, vmapped in
-  chunks; see :func:`_jacobian`), not P = n_ctx * D forward-mode passes: on the tiny model
+  chunks; see :func:`_jacobian`; the per-class pass, without :mod:`dpfpl.prefix`'s shared
+  prefix), not P = n_ctx * D forward-mode passes: on the tiny model
   (E = 64, P = 1024) forward mode (``jvp`` vmapped over the P basis directions) measured 25-80x
   slower than this (bench/per_example.py, "jacfwd").
 
@@ -76,15 +77,18 @@ def batch_ctx_grad(enc: PromptTextEncoder, ctx: torch.Tensor, feats: torch.Tenso
     return float(loss.detach()), G
 
 
-def auto_chunk(enc: PromptTextEncoder, budget: Optional[int] = None) -> int:
+def auto_chunk(enc: PromptTextEncoder, budget: Optional[int] = None, per_class: bool = False) -> int:
     """Cotangents per vmapped chunk of pullbacks (per-example or basis): the largest count whose estimated
-    intermediate state, ``_UNIT_FACTOR * C * L * D`` elements each, fits ``budget`` bytes
-    (None: ``DEFAULTS["memory_budget"]``, else 256 MiB on CPU, a quarter of the free memory on CUDA)."""
+    intermediate state, ``_UNIT_FACTOR * rows * D`` elements each, fits ``budget`` bytes (None:
+    ``DEFAULTS["memory_budget"]``, else 256 MiB on CPU, a quarter of the free memory on CUDA).
+    rows: ``enc.rows_per_pass`` for a shared context, C * L for per-class contexts (``per_class``:
+    the Jacobian strategy's, which have no shared prefix)."""
     budget = DEFAULTS["memory_budget"] if budget is None else budget
     if budget is None:
         dev = enc.prefix.device
         budget = torch.cuda.mem_get_info(dev)[0] // 4 if dev.type == "cuda" else 256 * 2**20
-    unit = _UNIT_FACTOR * enc.n_classes * enc.length * enc.width * enc.prefix.element_size()
+    rows = enc.n_classes * enc.length if per_class else enc.rows_per_pass
+    unit = _UNIT_FACTOR * rows * enc.width * enc.prefix.element_size()
     return max(1, int(budget // unit))
 
 
@@ -146,21 +150,24 @@ def _jacobian_grads(enc: PromptTextEncoder, ctx: torch.Tensor, feats, labels, sc
     return losses, G.reshape(B, *ctx.shape)  # (B, n_ctx, D)
 
 
-def choose_strategy(enc: PromptTextEncoder, ctx: torch.Tensor, B: int, chunk: Optional[int] = None) -> str:
+def choose_strategy(enc: PromptTextEncoder, ctx: torch.Tensor, B: int) -> str:
     """The cheaper exact strategy for B examples, by a cost model measured once per encoder shape.
 
-    Both strategies run vmapped pullbacks of the same encoder: "vjp" B of them, "jacobian" E of
-    them plus a (B, C*E) @ (C*E, P) product. With b the measured time of one pullback (the slope
-    of a vmapped chunk's time over its size) and m that of one example's share of the product,
-    cost_vjp = B b and cost_jac = E b + B m. "vjp" without measuring whenever B <= E."""
+    Both strategies run vmapped pullbacks of the encoder: "vjp" B of them through the shared-context
+    pass (with :mod:`dpfpl.prefix`'s shared prefix where the encoder has one), "jacobian" E of them
+    through the per-class pass (each class needs its own Jacobian, so nothing is shared) plus a
+    (B, C*E) @ (C*E, P) product. With b_v, b_j the measured times of one such pullback (the slope of a
+    vmapped chunk's time over its size) and m that of one example's share of the product,
+    cost_vjp = B b_v and cost_jac = E b_j + B m. "vjp" without measuring whenever B <= E (b_j >= b_v)."""
     E = _out_dim(enc)
     if B <= E:
         return "vjp"
-    key = (id(enc.tower), enc.n_classes, enc.length, enc.width, tuple(ctx.shape), ctx.dtype, str(ctx.device))
+    key = (id(enc.tower), enc.n_classes, enc.length, enc.width, enc.shares_prefix, tuple(ctx.shape), ctx.dtype,
+           str(ctx.device))
     if key not in _COSTS:
         _COSTS[key] = _measure(enc, ctx)
     c = _COSTS[key]
-    return "jacobian" if E * c["pullback"] + B * c["product"] < B * c["pullback"] else "vjp"
+    return "jacobian" if E * c["pullback_jacobian"] + B * c["product"] < B * c["pullback"] else "vjp"
 
 
 def _out_dim(enc: PromptTextEncoder) -> int:
@@ -179,18 +186,23 @@ def _timed(fn, device: torch.device) -> float:
 
 
 def _measure(enc: PromptTextEncoder, ctx: torch.Tensor, sizes: tuple[int, int] = (2, 8)) -> dict[str, float]:
-    """Seconds per pullback (slope of t(k) = a + b k over two vmapped chunk sizes k, after a
-    warm-up) and per example of the Jacobian product (an 8-row product)."""
-    txt, vjp_fn = torch.func.vjp(enc, ctx)  # (C, E)
+    """Seconds per pullback of the shared-context pass ("pullback") and of the per-class pass
+    ("pullback_jacobian"), each the slope of t(k) = a + b k over two vmapped chunk sizes k after a
+    warm-up; and per example of the Jacobian product (an 8-row product, "product")."""
     g = torch.Generator(device=ctx.device).manual_seed(0)
-    cots = torch.randn(sizes[1], *txt.shape, generator=g, device=ctx.device, dtype=txt.dtype)  # (k, C, E)
-    torch.func.vmap(vjp_fn)(cots[:sizes[0]])  # warm-up
-    t = [_timed(lambda k=k: torch.func.vmap(vjp_fn)(cots[:k]), ctx.device) for k in sizes]
+    out: dict[str, float] = {}
+    per_class = ctx.unsqueeze(0).expand(enc.n_classes, *ctx.shape).contiguous()  # (C, n_ctx, D)
+    for name, c in (("pullback", ctx), ("pullback_jacobian", per_class)):
+        txt, vjp_fn = torch.func.vjp(enc, c)  # (C, E)
+        cots = torch.randn(sizes[1], *txt.shape, generator=g, device=ctx.device, dtype=txt.dtype)  # (k, C, E)
+        torch.func.vmap(vjp_fn)(cots[:sizes[0]])  # warm-up
+        t = [_timed(lambda k=k: torch.func.vmap(vjp_fn)(cots[:k]), ctx.device) for k in sizes]
+        out[name] = max((t[1] - t[0]) / (sizes[1] - sizes[0]), 1e-9)
     U = torch.randn(8, txt.numel(), generator=g, device=ctx.device, dtype=txt.dtype)  # (8, C*E)
     J = torch.randn(txt.numel(), ctx.numel(), generator=g, device=ctx.device, dtype=txt.dtype)  # (C*E, P)
     U @ J  # warm-up
-    product = _timed(lambda: U @ J, ctx.device) / 8
-    return {"pullback": max((t[1] - t[0]) / (sizes[1] - sizes[0]), 1e-9), "product": product}
+    out["product"] = _timed(lambda: U @ J, ctx.device) / 8
+    return out
 
 
 def per_example_ctx_grads(enc: PromptTextEncoder, ctx: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor,
@@ -207,11 +219,11 @@ def per_example_ctx_grads(enc: PromptTextEncoder, ctx: torch.Tensor, feats: torc
     strategy = strategy or DEFAULTS["strategy"]
     if strategy not in STRATEGIES:
         raise ValueError(f"per-example strategy {strategy!r} is not one of {list(STRATEGIES)}")
-    chunk = chunk_size or DEFAULTS["chunk_size"] or auto_chunk(enc)
     ctx = ctx.detach()
     with sdpa_kernel(SDPBackend.MATH):
         if strategy == "auto":
-            strategy = choose_strategy(enc, ctx, B, chunk)
+            strategy = choose_strategy(enc, ctx, B)
+        chunk = chunk_size or DEFAULTS["chunk_size"] or auto_chunk(enc, per_class=strategy == "jacobian")
         if strategy == "vjp":
             return _vjp_grads(enc, ctx, feats, labels, scale, chunk)
         return _jacobian_grads(enc, ctx, feats, labels, scale, chunk)

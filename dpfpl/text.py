@@ -10,11 +10,15 @@ Text cut: CLIP's text transformer is causal and the feature is read at the end-o
 position, so positions after the last EOT of all classes cannot change any feature. With
 ``cut=True`` the sequence is truncated to ``max(eot) + 1`` tokens (e.g. 77 -> ~22), which is exact
 and much cheaper. The cut is refused for towers without a causal mask.
+
+Shared prefix: for the same causal reason, the SOT and context positions are computed once for all
+classes when the context is shared (:mod:`dpfpl.prefix`; ``share_prefix``, default on where the
+tower supports it), another exact saving of ~3.6x in the tower's linear layers on the tiny benchmark.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +26,7 @@ from torch import nn
 
 from .clip import FrozenClip
 from .errors import ConfigError
+from .prefix import shared_prefix_states, supports_prefix_sharing
 
 PLACEHOLDER = "X"
 
@@ -56,9 +61,14 @@ class PromptTextEncoder(nn.Module):
     forward(ctx): ctx (n_ctx, D) shared by all classes, or (C, n_ctx, D) -> features (C, E).
     forward_stacked(ctx): K contexts at once, (K, n_ctx, D) or (K, C, n_ctx, D) -> (K, C, E).
     All weights are frozen buffers/modules of the CLIP model; only ``ctx`` carries gradients.
+
+    ``share_prefix``: a context shared by all classes runs its positions once (:mod:`dpfpl.prefix`);
+    None = wherever the tower supports it, True = required (ConfigError where it cannot), False = never.
+    ``shares_prefix`` says which applies.
     """
 
-    def __init__(self, clip: FrozenClip, classnames: Sequence[str], n_ctx: int, cut: bool = True):
+    def __init__(self, clip: FrozenClip, classnames: Sequence[str], n_ctx: int, cut: bool = True,
+                 share_prefix: Optional[bool] = None):
         super().__init__()
         self.tower = text_tower(clip.model)
         self.n_ctx = n_ctx
@@ -86,6 +96,10 @@ class PromptTextEncoder(nn.Module):
                              persistent=False)
         self.length = length
         self.width = emb.shape[-1]
+        why_not = "the text transformer is not causal" if not causal else supports_prefix_sharing(self.tower)
+        if share_prefix and why_not:
+            raise ConfigError(f"share_prefix=True is impossible: {why_not}")
+        self.shares_prefix = share_prefix is not False and why_not is None
 
     @property
     def n_classes(self) -> int:
@@ -96,8 +110,17 @@ class PromptTextEncoder(nn.Module):
         with torch.no_grad():
             return self.tower.token_embedding(self.tokens[0, 1:1 + self.n_ctx])
 
+    @property
+    def rows_per_pass(self) -> int:
+        """Token rows one pass of a shared context runs through the tower (memory/cost models)."""
+        if self.shares_prefix:
+            return 1 + self.n_ctx + self.n_classes * (self.length - 1 - self.n_ctx)
+        return self.n_classes * self.length
+
     def forward(self, ctx: torch.Tensor) -> torch.Tensor:
         C = self.n_classes
+        if ctx.dim() == 2 and self.shares_prefix:
+            return self._shared_features(ctx.unsqueeze(0))[0]  # (C, E)
         if ctx.dim() == 2:
             ctx = ctx.unsqueeze(0).expand(C, -1, -1)  # (C, n_ctx, D)
         x = torch.cat([self.prefix, ctx.to(self.prefix.dtype), self.suffix], dim=1)  # (C, L, D)
@@ -108,6 +131,8 @@ class PromptTextEncoder(nn.Module):
         (K, C, n_ctx, D) per class -> features (K, C, E). Row k equals ``forward(ctx[k])`` (up to
         float summation order): the K x C sequences are independent rows of one batch."""
         K, C = ctx.shape[0], self.n_classes
+        if ctx.dim() == 3 and self.shares_prefix:
+            return self._shared_features(ctx)  # (K, C, E)
         if ctx.dim() == 3:
             ctx = ctx.unsqueeze(1).expand(K, C, *ctx.shape[1:])  # (K, C, n_ctx, D)
         x = torch.cat([self.prefix.expand(K, *self.prefix.shape), ctx.to(self.prefix.dtype),
@@ -115,12 +140,28 @@ class PromptTextEncoder(nn.Module):
         feats = self._tower_features(x.reshape(K * C, self.length, self.width), self.pool_pos.repeat(K))  # (K*C, E)
         return feats.reshape(K, C, -1)  # (K, C, E)
 
+    def _shared_features(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Contexts (G, n_ctx, D) shared by all classes -> features (G, C, E), prefix run once."""
+        G, C, Lp = ctx.shape[0], self.n_classes, 1 + self.n_ctx
+        pos = self.tower.positional_embedding[: self.length]  # (L, D)
+        sot = self.prefix[:1].expand(G, 1, self.width)  # (G, 1, D): the same SOT token for every class
+        prefix = torch.cat([sot, ctx.to(self.prefix.dtype)], dim=1) + pos[:Lp]  # (G, Lp, D)
+        suffix = (self.suffix + pos[Lp:]).expand(G, *self.suffix.shape)  # (G, C, Ls, D)
+        h = shared_prefix_states(self.tower, prefix, suffix, self.attn_mask)  # (G, C, Ls, D)
+        h = self.tower.ln_final(h)
+        x = h[:, torch.arange(C, device=h.device), self.pool_pos - Lp]  # (G, C, D)
+        return self._project(x)  # (G, C, E)
+
     def _tower_features(self, x: torch.Tensor, pool_pos: torch.Tensor) -> torch.Tensor:
         """Token embeddings x (N, L, D) -> L2-normalised features (N, E) pooled at ``pool_pos`` (N,)."""
         x = x + self.tower.positional_embedding[: self.length]
         x = self.tower.transformer(x, attn_mask=self.attn_mask)
         x = self.tower.ln_final(x)  # (N, L, D)
         x = x[torch.arange(x.shape[0], device=x.device), pool_pos]  # (N, D)
+        return self._project(x)
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled states (..., D) -> L2-normalised features (..., E)."""
         proj = getattr(self.tower, "text_projection", None)
         if proj is not None:
             x = proj(x) if isinstance(proj, nn.Linear) else x @ proj  # (N, E)

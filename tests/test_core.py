@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from dpfpl import lowrank
 from dpfpl.engine import Engine
 from dpfpl.grads import batch_ctx_grad, per_example_ctx_grads
-from dpfpl.text import PromptTextEncoder
+from dpfpl.errors import ConfigError
+from dpfpl.text import PromptTextEncoder, text_tower
 
 from .conftest import CLASSNAMES
 
@@ -143,3 +144,64 @@ def test_every_make_target_the_docs_name_exists():
     docs = "\n".join(p.read_text() for p in [root / "README.md", *root.glob("results/*/README.md")])
     named = set(re.findall(r"`make ([a-z][a-z0-9-]*)", docs))
     assert named and phony <= rules and named <= rules, (phony - rules, named - rules)
+
+
+@pytest.mark.parametrize("cut", [True, False])
+def test_shared_prefix_equals_the_full_sequences(tiny_clip, cut):
+    """dpfpl.prefix: the context positions run once for all classes give the same features, batch
+    gradients and per-example gradients as the tower on every class's full sequence (float order)."""
+    shared = PromptTextEncoder(tiny_clip, CLASSNAMES, n_ctx=4, cut=cut)
+    full = PromptTextEncoder(tiny_clip, CLASSNAMES, n_ctx=4, cut=cut, share_prefix=False)
+    assert shared.shares_prefix and not full.shares_prefix
+    C, L = len(CLASSNAMES), shared.length
+    assert shared.rows_per_pass == 5 + C * (L - 5) and full.rows_per_pass == C * L
+    g = torch.Generator().manual_seed(3)
+    ctx = torch.randn(4, shared.width, generator=g) * 0.02
+    assert torch.allclose(shared(ctx), full(ctx), atol=1e-6)
+    stacked = torch.randn(3, 4, shared.width, generator=g) * 0.02  # (K, n_ctx, D)
+    assert torch.allclose(shared.forward_stacked(stacked), full.forward_stacked(stacked), atol=1e-6)
+    per_class = torch.randn(C, 4, shared.width, generator=g) * 0.02  # no shared prefix: the full path
+    assert torch.equal(shared(per_class), full(per_class))
+    feats = F.normalize(torch.randn(6, 64, generator=g), dim=-1)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    _, Gs = batch_ctx_grad(shared, ctx, feats, labels, 50.0)
+    _, Gf = batch_ctx_grad(full, ctx, feats, labels, 50.0)
+    assert (Gs - Gf).norm() / Gf.norm() < 1e-5
+    _, Ps = per_example_ctx_grads(shared, ctx, feats, labels, 50.0, strategy="vjp")
+    _, Pf = per_example_ctx_grads(full, ctx, feats, labels, 50.0, strategy="vjp")
+    assert (Ps - Pf).norm() / Pf.norm() < 1e-5
+
+
+def test_shared_prefix_block_math_with_layer_scale_and_heads():
+    """shared_prefix_states equals open_clip's own Transformer (LayerScale, 4 heads, 3 layers) at the
+    suffix positions, for G = 2 contexts and C = 5 classes."""
+    from dpfpl._compat import import_open_clip
+    from dpfpl.prefix import shared_prefix_states, supports_prefix_sharing
+
+    oc = import_open_clip()
+    torch.manual_seed(0)
+    tower = oc.transformer.TextTransformer(context_length=12, vocab_size=100, width=32, heads=4, layers=3,
+                                           ls_init_value=0.5, output_dim=16).eval()
+    assert supports_prefix_sharing(tower) is None
+    G, C, Lp, L = 2, 5, 7, 12
+    pos = tower.positional_embedding[:L]
+    prefix = torch.randn(G, Lp, 32) + pos[:Lp]  # (G, Lp, D)
+    suffix = torch.randn(C, L - Lp, 32) + pos[Lp:]  # (C, Ls, D)
+    full = torch.cat([prefix[:, None].expand(G, C, Lp, 32), suffix.expand(G, C, L - Lp, 32)], dim=2)  # (G, C, L, D)
+    with torch.no_grad():
+        ref = tower.transformer(full.reshape(G * C, L, 32), attn_mask=tower.attn_mask).reshape(G, C, L, 32)
+        got = shared_prefix_states(tower, prefix, suffix.expand(G, C, L - Lp, 32), tower.attn_mask)
+    assert torch.allclose(got, ref[:, :, Lp:], atol=1e-5)
+
+
+def test_prefix_sharing_is_refused_where_it_cannot_hold(tiny_clip):
+    """A tower without a causal mask shares nothing (its prefix states depend on the class); asking
+    for sharing there is an error, not a silent fallback."""
+    import copy
+
+    clip = copy.copy(tiny_clip)
+    clip.model = copy.deepcopy(tiny_clip.model)
+    text_tower(clip.model).attn_mask = None
+    assert not PromptTextEncoder(clip, CLASSNAMES, n_ctx=4, cut=False).shares_prefix
+    with pytest.raises(ConfigError, match="share_prefix=True is impossible: the text transformer is not causal"):
+        PromptTextEncoder(clip, CLASSNAMES, n_ctx=4, cut=False, share_prefix=True)

@@ -64,12 +64,14 @@ def test_auto_uses_vjp_up_to_E_without_measuring(enc, monkeypatch):
 
 
 def test_auto_follows_the_cost_model(enc, monkeypatch):
-    """cost_vjp = B b, cost_jac = E b + B m: with b = 1, m = 0.5, jacobian wins iff B > 2E = 128."""
-    monkeypatch.setattr(grads, "_measure", lambda enc, ctx: {"pullback": 1.0, "product": 0.5})
+    """cost_vjp = B b_v, cost_jac = E b_j + B m: with b_v = 1, b_j = 2, m = 0.5, jacobian wins iff
+    B > 4E = 256."""
+    monkeypatch.setattr(grads, "_measure",
+                        lambda enc, ctx: {"pullback": 1.0, "pullback_jacobian": 2.0, "product": 0.5})
     monkeypatch.setattr(grads, "_COSTS", {})
     ctx, _, _ = _batch(1)
-    assert choose_strategy(enc, ctx, 100) == "vjp"
-    assert choose_strategy(enc, ctx, 129) == "jacobian"
+    assert choose_strategy(enc, ctx, 256) == "vjp"
+    assert choose_strategy(enc, ctx, 257) == "jacobian"
     assert len(grads._COSTS) == 1  # measured once, cached for the shape
 
 
