@@ -9,6 +9,8 @@ difference from "vjp"):
 
 - ``vjp``: :func:`dpfpl.grads.per_example_ctx_grads` strategy "vjp", automatic chunk size;
 - ``vjp-unchunked``: the same in one vmap over all B (the code before issue 14);
+- ``vjp-full-seq``: "vjp" through every class's full sequence, without the shared SOT + context
+  prefix of :mod:`dpfpl.prefix` (the code before it);
 - ``jacobian`` / ``auto``: strategies "jacobian" and "auto" (auto's pick is in the row);
 - ``jacfwd``: the Jacobian by forward mode (``jvp`` vmapped over the P basis directions, then
   the same product), at the smallest B only: its cost does not depend on B;
@@ -99,6 +101,7 @@ def measure(batch_sizes: list[int], repeats: int, device_name_: str = "cpu") -> 
     dev = torch.device(device_name_)
     clip = load_clip("dpfpl-tiny", None, dev, init_seed=0)
     enc = PromptTextEncoder(clip, class_names(16), 16, cut=True)
+    full = PromptTextEncoder(clip, class_names(16), 16, cut=True, share_prefix=False)
     chunk = grads.auto_chunk(enc)
     try:
         from bench.opacus_prompt import opacus_module, opacus_per_example_grads
@@ -116,6 +119,7 @@ def measure(batch_sizes: list[int], repeats: int, device_name_: str = "cpu") -> 
         fns: dict[str, Callable] = {
             "vjp": lambda: pe(enc, ctx, feats, labels, 100.0, strategy="vjp"),
             "vjp-unchunked": lambda: pe(enc, ctx, feats, labels, 100.0, strategy="vjp", chunk_size=B),
+            "vjp-full-seq": lambda: pe(full, ctx, feats, labels, 100.0, strategy="vjp"),
             "jacobian": lambda: pe(enc, ctx, feats, labels, 100.0, strategy="jacobian"),
             "auto": lambda: pe(enc, ctx, feats, labels, 100.0, strategy="auto"),
         }
@@ -141,7 +145,7 @@ def measure(batch_sizes: list[int], repeats: int, device_name_: str = "cpu") -> 
             print(f"B={B:5d} {name:14s} {t.median_s * 1e3:9.1f} ms  peak {row['peak_mib'] or float('nan'):8.1f} MiB"
                   f"  rel diff {rel:.1e}", flush=True)
     return {"device": device_name(dev), "torch_threads": torch.get_num_threads(), "n_ctx": 16,
-            "n_classes": 16, "seq_len": enc.length, "E": 64, "P": 16 * enc.width, "auto_chunk": chunk,
+            "n_classes": 16, "seq_len": enc.length, "rows_per_pass": enc.rows_per_pass, "E": 64, "P": 16 * enc.width, "auto_chunk": chunk,
             "opacus": have_opacus, "cost_model": {str(k[1:]): v for k, v in grads._COSTS.items()}, "rows": rows}
 
 
@@ -151,7 +155,8 @@ def table(res: dict[str, Any], command: str) -> str:
     cell = {(r["strategy"], r["B"]): r for r in res["rows"]}
     out = [f"# Per-example prompt gradients vs batch size\n", f"Command: `{command}`\n",
            f"Device: {res['device']}; tiny model, {res['n_classes']} classes, n_ctx {res['n_ctx']} "
-           f"(P = {res['P']}, E = {res['E']}), text length {res['seq_len']}, automatic chunk "
+           f"(P = {res['P']}, E = {res['E']}), text length {res['seq_len']} ({res.get('rows_per_pass', '?')} token rows "
+           "per pass with the shared prefix), automatic chunk "
            f"{res['auto_chunk']}. Median time (ms) / peak memory added (MiB); the machine's 2 cores "
            "were shared with other jobs, so times are noisy.\n",
            "| strategy | " + " | ".join(f"B = {b}" for b in Bs) + " |", "|---" * (len(Bs) + 1) + "|"]

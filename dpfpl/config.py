@@ -81,10 +81,11 @@ class TrainConfig:
         "auto", "exact per-example gradient strategy for DP: vjp (cost grows with the batch), "
         "jacobian (text Jacobian once per step), auto (the cheaper, by a measured cost model)",
         ("auto", "vjp", "jacobian"))
-    vectorize_clients: bool = opt(
-        False, "run the sampled clients' local step in ONE batched pass (stacked contexts, one text-encoder "
+    vectorize_clients: Optional[bool] = opt(
+        None, "run the sampled clients' local step in ONE batched pass (stacked contexts, one text-encoder "
         "call, one vmap of per-example gradients), then each client's own release and update; equal to the "
-        "client-by-client loop up to float rounding (in-process engine; see README 'Vectorised clients')")
+        "client-by-client loop up to float rounding. None (default): on in the in-process engine, off on "
+        "Flower (one ClientApp per client, where true is an error); see README 'Vectorised clients'")
 
 
 @dataclass
@@ -187,8 +188,8 @@ class RunConfig:
         for name, v in positive.items():
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
                 raise ConfigError(f"{name} must be positive, got {v!r}")
-        if not isinstance(t.vectorize_clients, bool):
-            raise ConfigError(f"train.vectorize_clients must be true or false, got {t.vectorize_clients!r}")
+        if t.vectorize_clients is not None and not isinstance(t.vectorize_clients, bool):
+            raise ConfigError(f"train.vectorize_clients must be true, false or none, got {t.vectorize_clients!r}")
         if not 0 < t.client_fraction <= 1:
             raise ConfigError(f"train.client_fraction must be in (0, 1], got {t.client_fraction!r}")
         if not 0 <= t.momentum < 1:

@@ -116,7 +116,7 @@ class Engine(EngineRecord):
                                seed=int(seeds[4 + i])) for i, cd in enumerate(self.clients_data)]
         self.privacy.attach(self.clients)
         # None: the sampled clients' steps run as one batched pass (dpfpl.vectorized)
-        self.sequential_reason = vectorized.fallback_reason(self.method, t.vectorize_clients)
+        self.sequential_reason = vectorized.fallback_reason(self.method, t.vectorize_clients is not False)
         self.round = 0
         self.history: list[dict[str, Any]] = []
         self.stopped_reason: Optional[str] = None

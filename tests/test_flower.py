@@ -89,6 +89,14 @@ class LocalGrid(Grid):
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture
+def make_cfg(make_cfg):
+    """Configs with train.vectorize_clients=false: Flower's ClientApps step the clients one by one,
+    and the in-process runs these tests compare bit for bit with them must sum in the same order
+    (the vectorised pass equals the loop to float rounding only: tests/test_vectorize.py)."""
+    return lambda **ov: make_cfg(**{"vectorize_clients": False, **ov})
+
+
 @pytest.fixture(autouse=True)
 def local_clients(monkeypatch, tiny_clip, tiny_dataset):
     """ClientApps running in this process build their engine from the in-memory tiny model and data

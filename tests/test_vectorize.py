@@ -167,7 +167,9 @@ def test_size_groups_bound_padding():
 
 
 def test_option_and_fallback(make_cfg, tiny_clip, tiny_dataset):
-    assert RunConfig().train.vectorize_clients is False  # off by default until the Flower engine uses it too
+    assert RunConfig().train.vectorize_clients is None  # auto: on in-process, off on Flower
+    assert Engine(make_cfg(), clip=tiny_clip, dataset=tiny_dataset).vectorized
+    assert RunConfig().update({"vectorize_clients": "none"}).validate().train.vectorize_clients is None
     assert RunConfig().update({"vectorize_clients": "true"}).validate().train.vectorize_clients is True
     assert RunConfig().update({"vectorize_clients": "false"}).validate().train.vectorize_clients is False
     with pytest.raises(ConfigError, match="vectorize_clients"):
@@ -180,3 +182,13 @@ def test_option_and_fallback(make_cfg, tiny_clip, tiny_dataset):
     assert not e.vectorized and "trains nothing" in e.sequential_reason
     off = Engine(make_cfg(vectorize_clients=False), clip=tiny_clip, dataset=tiny_dataset)
     assert off.sequential_reason == "train.vectorize_clients=false"
+
+
+def test_flower_refuses_vectorize_true(make_cfg):
+    """Flower runs one ClientApp per client: vectorize_clients=true cannot take effect there, so it is
+    refused before any data or model is loaded (unset, the default, is fine)."""
+    pytest.importorskip("flwr")
+    from dpfpl.flower.run import _preflight
+
+    with pytest.raises(ConfigError, match="vectorize_clients=true cannot take effect on the Flower engine"):
+        _preflight(make_cfg(vectorize_clients=True, dataset="no-such-dataset"))

@@ -152,6 +152,9 @@ def _preflight(cfg: RunConfig) -> int:
 
     t, d = cfg.train, cfg.data
     get_method(t.method)
+    if t.vectorize_clients:
+        raise ConfigError("train.vectorize_clients=true cannot take effect on the Flower engine (one ClientApp "
+                          "per client steps one client); leave it unset or false")
     if cfg.model.model not in _open_clip().list_models():
         from ..clip import load_clip
 
