@@ -43,8 +43,10 @@ external-audits: setup
 	$(BIN)/python -m audits.external --out results/external
 
 # every speed figure (vectorised clients, per-example strategies + Opacus, feature cache, start-up) into
-# results/microbench/README.md (~15 min on 2 cores), then the pytest-benchmark micro-timings
+# results/microbench/README.md (~4 min on 2 cores), then the pytest-benchmark micro-timings
+# (installs the bench extra: Opacus, for the ours-vs-Opacus rows)
 microbench: setup
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints-cpu.txt -e ".[bench]"
 	mkdir -p results/microbench
 	$(BIN)/python -m bench.microbench --out results/microbench
 	$(BIN)/python -m pytest bench --benchmark-only --benchmark-enable -q --benchmark-sort=name \

@@ -129,7 +129,8 @@ class PromptTextEncoder(nn.Module):
     def forward_stacked(self, ctx: torch.Tensor) -> torch.Tensor:
         """K contexts through the tower in ONE pass: ctx (K, n_ctx, D) shared by all classes, or
         (K, C, n_ctx, D) per class -> features (K, C, E). Row k equals ``forward(ctx[k])`` (up to
-        float summation order): the K x C sequences are independent rows of one batch."""
+        float summation order): the K prefixes and K x C suffixes (shared prefix), or the K x C full
+        sequences, are independent rows of one batch."""
         K, C = ctx.shape[0], self.n_classes
         if ctx.dim() == 3 and self.shares_prefix:
             return self._shared_features(ctx)  # (K, C, E)

@@ -6,8 +6,9 @@ view, its context), the gradient of its batch, and ``finish`` (its release throu
 same order, drawing from its OWN generators (batch sampler, factorisation), so the same seed
 gives the same batches; then ONE pass computes all gradients:
 
-- the contexts are stacked, ctx (K, n_ctx, D), and the frozen text encoder runs once on K x C
-  sequences (:meth:`dpfpl.text.PromptTextEncoder.forward_stacked`) -> text features (K, C, E);
+- the contexts are stacked, ctx (K, n_ctx, D), and the frozen text encoder runs once on K
+  shared prefixes and K x C class suffixes (:meth:`dpfpl.text.PromptTextEncoder.forward_stacked`,
+  :mod:`dpfpl.prefix`) -> text features (K, C, E);
 - batches are padded to B_max = max_k B_k with a mask (Poisson sampling draws a different B_k per
   client; padded rows get a zero cotangent / zero loss weight, so they contribute nothing); the
   per-example "vjp" pass, whose cost grows with B_max, groups clients of similar B_k
@@ -29,7 +30,8 @@ One sampled client takes its sequential step (nothing to batch). Fallback for th
 (sequential, stated by :func:`fallback_reason`): a method that trains nothing (zeroshot:
 no step runs at all), a method class with ``vectorizable = False`` (none of the built-in ones: every
 built-in method's trainable tensors enter only through ctx, :mod:`dpfpl.methods`), and
-``vectorize_clients = false``. The Flower engine runs one ClientApp per client and ignores the option.
+``vectorize_clients = false``. The option's default (unset) turns it on here; the Flower engine runs
+one ClientApp per client, steps clients one by one, and refuses ``vectorize_clients = true``.
 """
 
 from __future__ import annotations

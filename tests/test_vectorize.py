@@ -184,11 +184,19 @@ def test_option_and_fallback(make_cfg, tiny_clip, tiny_dataset):
     assert off.sequential_reason == "train.vectorize_clients=false"
 
 
-def test_flower_refuses_vectorize_true(make_cfg):
-    """Flower runs one ClientApp per client: vectorize_clients=true cannot take effect there, so it is
-    refused before any data or model is loaded (unset, the default, is fine)."""
+def test_flower_refuses_vectorize_true(make_cfg, tmp_path, capsys):
+    """Flower runs one ClientApp per client: vectorize_clients=true cannot take effect there, so the
+    CLI refuses it in one line with status 2 before the run directory exists; the resume path's
+    preflight refuses it too. Unset (the default) or false is fine."""
     pytest.importorskip("flwr")
+    from dpfpl.cli import main
     from dpfpl.flower.run import _preflight
 
-    with pytest.raises(ConfigError, match="vectorize_clients=true cannot take effect on the Flower engine"):
+    out = tmp_path / "run"
+    rc = main(["train", "--engine", "flower", "--vectorize-clients", "true", "--rounds", "1", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and not out.exists()
+    assert err == ["dpfpl: error: train.vectorize_clients=true cannot take effect on the Flower engine (one "
+                   "ClientApp per client steps one client); leave it unset or false"]
+    with pytest.raises(ConfigError, match="vectorize_clients=true cannot take effect"):
         _preflight(make_cfg(vectorize_clients=True, dataset="no-such-dataset"))
