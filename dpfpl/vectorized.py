@@ -161,7 +161,8 @@ def _per_example_grads(enc, ctx, feats, labels, mask, sizes, scale: float, strat
             # a vmapped unit here is len(idx) times one client's (len(idx) x C sequences): scale the chunk
             # and at most ~b examples' worth of sequences per call, as one sequential client's pass
             # (larger calls measured slower on CPU: results/microbench/vectorize.md)
-            chunk = chunk_size or DEFAULTS["chunk_size"] or max(1, min(auto_chunk(enc), b) // len(idx))
+            per_unit = auto_chunk(enc, per_class=strategy == "jacobian")  # the Jacobian's pullbacks share no prefix
+            chunk = chunk_size or DEFAULTS["chunk_size"] or max(1, min(per_unit, b) // len(idx))
             sel = torch.as_tensor(idx, device=ctx.device)
             losses, G = fn(enc, ctx[sel], feats[sel, :b], labels[sel, :b], mask[sel, :b], scale, chunk)
             for j, k in enumerate(idx):  # losses (k, b), G (k, b, n_ctx, D)
