@@ -7,7 +7,8 @@ allocations), and writes their files into ``--out``:
 
 =================  ==================================================================================
 ``vectorize``      sequential vs vectorised round time at 1 / 4 / 16 / 64 clients, DP and
-                   non-private (:mod:`bench.vectorize`, ``vectorize.md``)
+                   non-private, 1 torch thread and one per core (:mod:`bench.vectorize`,
+                   ``vectorize.md``)
 ``per_example``    per-example gradient time and peak memory vs B (8 ... 1024) for vjp, jacobian,
                    auto and Opacus (:mod:`bench.per_example`, ``per_example.md``)
 ``feature_cache``  a run's image features cold / warm and a bench grid's wall time with the cache
@@ -51,8 +52,8 @@ def _commit() -> str:
 def commands(out: Path, quick: bool = False) -> dict[str, list[str]]:
     """The module command line of each measurement (``python -m ...`` arguments)."""
     full = {
-        "vectorize": ["bench.vectorize", "--clients", "1", "4", "16", "64", "--repeats", "5",
-                      "--out", str(out / "vectorize.md")],
+        "vectorize": ["bench.vectorize", "--clients", "1", "4", "16", "64", "--repeats", "5", "--threads", "1",
+                      str(os.cpu_count() or 1), "--out", str(out / "vectorize.md")],
         "per_example": ["bench.per_example", "--batch-sizes", "8", "32", "128", "512", "1024", "--repeats", "3",
                         "--out", str(out)],
         "feature_cache": ["bench.feature_cache", "--rounds", "2", "--repeats", "3", "--vit-images", "16",

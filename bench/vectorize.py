@@ -1,6 +1,6 @@
 """Vectorised vs sequential clients: the time of one training round at K sampled clients.
 
-    python -m bench.vectorize [--clients 1 4 16 64] [--repeats 5] [--threads 1] \
+    python -m bench.vectorize [--clients 1 4 16 64] [--repeats 5] [--threads 1 2] \
         [--out results/microbench/vectorize.md]
 
 Setup: the shipped tiny architecture with random weights (timings do not depend on them), the
@@ -16,7 +16,8 @@ sequential / vectorised. Both engines then hold the same prompts up to float rou
 reports the largest |p_G difference| after all rounds (the equality check of
 tests/test_vectorize.py, at benchmark scale).
 
-``--profile K`` additionally prints where a vectorised and a sequential DP round's time goes
+``--threads``: torch thread counts, each a block of rows (1: the per-core efficiency of the two
+paths; the machine's core count: what a user of the whole machine sees). ``--profile K`` additionally prints where a vectorised and a sequential DP round's time goes
 (cProfile, top functions by cumulative time). Writes the Markdown table to ``--out`` (and a
 JSON beside it) with the command and the machine load (``os.getloadavg``).
 """
@@ -97,10 +98,11 @@ def profile(K: int, clip, top: int = 18) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| round | clients K | sequential (s) | vectorised (s) | speedup | max abs p_G diff |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| round | torch threads | clients K | sequential (s) | vectorised (s) | speedup | max abs p_G diff |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['clients']} | {r['sequential_s']:.4f} | {r['vectorized_s']:.4f} | "
+        lines.append(f"| {r['mode']} | {r.get('threads', '?')} | {r['clients']} | {r['sequential_s']:.4f} | "
+                     f"{r['vectorized_s']:.4f} | "
                      f"{r['speedup']:.2f}x | {r['max_abs_p_G_diff']:.1e} |")
     return "\n".join(lines)
 
@@ -109,7 +111,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.vectorize", description=__doc__.split("\n")[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1], help="torch thread counts (one block of rows each)")
     ap.add_argument("--modes", nargs="+", default=["dp", "nonprivate"], choices=["dp", "nonprivate"])
     ap.add_argument("--profile", type=int, default=None, metavar="K", help="also profile a DP round at K clients")
     ap.add_argument("--out", default=None, help="Markdown file to write (a .json beside it)")
@@ -120,23 +122,25 @@ def main(argv=None) -> int:
     from bench.timing import device_name
     from dpfpl.clip import load_clip
 
-    torch.set_num_threads(args.threads)
     clip = load_clip("dpfpl-tiny", None, "cpu")
     load_before = os.getloadavg()
     rows = []
-    for mode in args.modes:
-        for K in args.clients:
-            r = measure(K, mode == "dp", args.repeats, clip)
-            rows.append(r)
-            print(f"{mode:10s} K={K:3d}: sequential {r['sequential_s']:.4f} s, vectorised {r['vectorized_s']:.4f} s, "
-                  f"speedup {r['speedup']:.2f}x (max |dp_G| {r['max_abs_p_G_diff']:.1e})", flush=True)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for mode in args.modes:
+            for K in args.clients:
+                r = {"threads": threads, **measure(K, mode == "dp", args.repeats, clip)}
+                rows.append(r)
+                print(f"{threads} thread(s) {mode:10s} K={K:3d}: sequential {r['sequential_s']:.4f} s, vectorised {r['vectorized_s']:.4f} s, "
+                      f"speedup {r['speedup']:.2f}x (max |dp_G| {r['max_abs_p_G_diff']:.1e})", flush=True)
+    torch.set_num_threads(args.threads[0])
     load_after = os.getloadavg()
     prof = profile(args.profile, clip) if args.profile else ""
     command = "python -m bench.vectorize " + " ".join(sys.argv[1:] if argv is None else argv)
     md = "\n".join([
         "# Vectorised vs sequential clients: one training round", "",
         f"Command: `{command}`", "",
-        f"Device: {device_name('cpu')}; load average (1/5/15 min) before {load_before[0]:.2f}/{load_before[1]:.2f}/"
+        f"Device: {device_name('cpu').split(' (')[0]}; load average (1/5/15 min) before {load_before[0]:.2f}/{load_before[1]:.2f}/"
         f"{load_before[2]:.2f}, after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} "
         f"on {os.cpu_count()} cores (other processes share them).", "",
         f"Setup: dpfpl-tiny (random weights), synthetic 16 classes, {PER_CLIENT} training images per client "

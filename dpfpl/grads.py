@@ -163,7 +163,7 @@ def choose_strategy(enc: PromptTextEncoder, ctx: torch.Tensor, B: int) -> str:
     if B <= E:
         return "vjp"
     key = (id(enc.tower), enc.n_classes, enc.length, enc.width, enc.shares_prefix, tuple(ctx.shape), ctx.dtype,
-           str(ctx.device))
+           str(ctx.device), torch.get_num_threads())
     if key not in _COSTS:
         _COSTS[key] = _measure(enc, ctx)
     c = _COSTS[key]
