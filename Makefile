@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test bench audits tightness external-audits microbench gpu-check clean
+.PHONY: setup test bench audits tightness external-audits microbench gpu-check gpu-wheels clean
 
 setup: $(VENV)/.installed
 
@@ -56,6 +56,14 @@ microbench: setup
 # CUDA checks, step time and peak memory on a GPU -> results/gpu/ (exit status 2 without CUDA)
 gpu-check: setup
 	$(BIN)/python -m bench.gpu_check --out results/gpu
+
+# wheels of what a CUDA machine with torch but no network lacks (open_clip, dp-accounting and their
+# small needs; Python 3.12, x86-64) -> .gpu-wheels/; there: sh bench/gpu_offline.sh -- --out results/gpu
+GPU_WHEELS = open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.5 dp-accounting==0.6.0 dm-tree==0.1.10
+gpu-wheels:
+	$(PYTHON) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .gpu-wheels $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

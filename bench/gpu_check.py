@@ -5,14 +5,19 @@
 Without a CUDA device it prints one line and exits with status 2, measuring nothing. With one:
 
 1. CUDA checks: per-example gradients (vjp, jacobian) on the GPU equal the CPU ones (tiny model);
-   one DP and one non-private round of the in-process engine train on the GPU with finite loss.
+   the shared-prefix text pass equals the full sequences on the GPU; one DP and one non-private
+   round of the in-process engine train on the GPU; a vectorised DP round equals the sequential one.
 2. Gradient-step time and peak memory, tiny model and ViT-B-16 with random weights (timing needs
    no real weights), 100 classes, n_ctx 16, B = 32 and 256: non-private (``batch_ctx_grad``) and
-   DP (per-example gradients by each strategy, then per-example clipping and Gaussian noise), on
-   random unit image features (image features are cached, the text side is the step's cost).
-3. Vectorised 10- and 64-client rounds: not measured until the vectorised-clients engine lands
-   (recorded as such).
+   DP (per-example gradients by each strategy, and "vjp" without the shared prefix, then
+   per-example clipping and Gaussian noise), on random unit image features (image features are
+   cached, the text side is the step's cost).
+3. Vectorised vs sequential rounds at 1, 10 and 64 clients, DP and non-private
+   (:func:`bench.vectorize.measure` on the GPU, tiny model), and the issue's goal: a vectorised
+   64-client DP round within 2x of a 1-client round.
 
+``--smoke`` runs the same script on ``--device cpu`` at whatever sizes are given, to test the
+script itself (tests/test_gpu_check.py); its output is labelled as not GPU figures.
 Writes ``OUT/gpu_check.json`` and ``OUT/gpu_check.md`` (the command that made them included).
 """
 
@@ -38,10 +43,12 @@ def _cuda_checks(dev) -> dict[str, Any]:
     from dpfpl.grads import per_example_ctx_grads
     from dpfpl.text import PromptTextEncoder
 
+    from bench.vectorize import _dataset, _engines
+
     out: dict[str, Any] = {}
     ds = load_dataset("synthetic", None, seed=0, n_classes=16, train_per_class=8, test_per_class=2)
-    encs = {d: PromptTextEncoder(load_clip("dpfpl-tiny", None, d, init_seed=0), ds.classnames, 16)
-            for d in ("cpu", dev)}
+    clips = {d: load_clip("dpfpl-tiny", None, d, init_seed=0) for d in ("cpu", dev)}
+    encs = {d: PromptTextEncoder(clips[d], ds.classnames, 16) for d in ("cpu", dev)}
     g = torch.Generator().manual_seed(0)
     feats = torch.nn.functional.normalize(torch.randn(16, 64, generator=g), dim=-1)
     labels = torch.randint(0, 16, (16,), generator=g)
@@ -52,6 +59,17 @@ def _cuda_checks(dev) -> dict[str, Any]:
         rel = float((G.cpu() - ref).abs().max() / ref.abs().max())
         out[f"per_example_{s}_rel_diff_vs_cpu"] = rel
         out[f"per_example_{s}_ok"] = rel < 1e-4
+    full = PromptTextEncoder(clips[dev], ds.classnames, 16, share_prefix=False)
+    _, Gs = per_example_ctx_grads(encs[dev], ctx.to(dev), feats.to(dev), labels.to(dev), 100.0, strategy="vjp")
+    _, Gf = per_example_ctx_grads(full, ctx.to(dev), feats.to(dev), labels.to(dev), 100.0, strategy="vjp")
+    out["shared_prefix_rel_diff"] = float((Gs - Gf).abs().max() / Gf.abs().max())
+    out["shared_prefix_ok"] = out["shared_prefix_rel_diff"] < 1e-4
+    engines = _engines(4, True, clips[dev], _dataset(4), str(dev))
+    for e in engines.values():
+        e.train_round()
+    diff = float((engines[True].server.p_G - engines[False].server.p_G).detach().abs().max())
+    out["vectorised_round_max_abs_p_G_diff"] = diff
+    out["vectorised_round_ok"] = diff < 1e-5
     for private in (False, True):
         ov = {"pretrained": "none", "device": str(dev), "num_clients": 2, "rounds": 1, "local_steps": 2,
               "batch_size": 8, "n_ctx": 4, "rank": 2}
@@ -64,7 +82,23 @@ def _cuda_checks(dev) -> dict[str, Any]:
     return out
 
 
-def _step_timings(dev, batch_sizes: list[int], models: list[str]) -> list[dict[str, Any]]:
+def _peak_reset(dev) -> int:
+    import torch
+
+    if dev.type != "cuda":
+        return 0
+    torch.cuda.reset_peak_memory_stats(dev)
+    return torch.cuda.memory_allocated(dev)
+
+
+def _peak_mib(dev, base: int) -> Optional[float]:
+    import torch
+
+    return (torch.cuda.max_memory_allocated(dev) - base) / 2**20 if dev.type == "cuda" else None
+
+
+def _step_timings(dev, batch_sizes: list[int], models: list[str], n_classes: int = 100,
+                  warmup: int = 2, repeats: int = 5) -> list[dict[str, Any]]:
     import torch
 
     from bench.timing import time_callable
@@ -73,53 +107,84 @@ def _step_timings(dev, batch_sizes: list[int], models: list[str]) -> list[dict[s
     from dpfpl.text import PromptTextEncoder
 
     rows = []
-    names = [f"class {i}" for i in range(100)]
+    names = [f"class {i}" for i in range(n_classes)]
     for model in models:
         clip = load_clip(model, None, dev, init_seed=0)
         enc = PromptTextEncoder(clip, names, 16)
+        full = PromptTextEncoder(clip, names, 16, share_prefix=False)
         E = int(clip.model.text_projection.shape[1]) if getattr(clip.model, "text_projection", None) is not None \
             else enc.width
         g = torch.Generator(device=dev).manual_seed(0)
         ctx = torch.randn(16, enc.width, generator=g, device=dev) * 0.02  # (n_ctx, D)
         for B in batch_sizes:
             feats = torch.nn.functional.normalize(torch.randn(B, E, generator=g, device=dev), dim=-1)  # (B, E)
-            labels = torch.randint(0, 100, (B,), generator=g, device=dev)
+            labels = torch.randint(0, n_classes, (B,), generator=g, device=dev)
 
-            def dp_step(strategy):
-                _, G = per_example_ctx_grads(enc, ctx, feats, labels, 100.0, strategy=strategy)  # (B, n_ctx, D)
+            def dp_step(strategy, e=enc):
+                _, G = per_example_ctx_grads(e, ctx, feats, labels, 100.0, strategy=strategy)  # (B, n_ctx, D)
                 norms = G.flatten(1).norm(dim=1).clamp_min(1e-12)  # (B,)
                 G = G * (1.0 / norms).clamp(max=1.0)[:, None, None]
                 return G.sum(0) + torch.randn(ctx.shape, generator=g, device=dev)
 
             cases = {"nonprivate": lambda: batch_ctx_grad(enc, ctx, feats, labels, 100.0),
-                     "dp-vjp": lambda: dp_step("vjp"), "dp-jacobian": lambda: dp_step("jacobian"),
-                     "dp-auto": lambda: dp_step("auto")}
+                     "dp-vjp": lambda: dp_step("vjp"), "dp-vjp-full-seq": lambda: dp_step("vjp", full),
+                     "dp-jacobian": lambda: dp_step("jacobian"), "dp-auto": lambda: dp_step("auto")}
             for name, fn in cases.items():
-                torch.cuda.reset_peak_memory_stats(dev)
-                base = torch.cuda.memory_allocated(dev)
-                t = time_callable(fn, f"{model} {name} B={B}", warmup=2, repeats=5, device=dev)
-                row = {"model": model, "case": name, "B": B, "n_classes": 100, "n_ctx": 16,
+                base = _peak_reset(dev)
+                t = time_callable(fn, f"{model} {name} B={B}", warmup=warmup, repeats=repeats, device=dev)
+                row = {"model": model, "case": name, "B": B, "n_classes": n_classes, "n_ctx": 16,
                        "median_ms": t.median_s * 1e3, "q25_ms": t.q25_s * 1e3, "q75_ms": t.q75_s * 1e3,
-                       "peak_mib": (torch.cuda.max_memory_allocated(dev) - base) / 2**20}
+                       "peak_mib": _peak_mib(dev, base)}
                 if name == "dp-auto":
                     row["picked"] = choose_strategy(enc, ctx, B)
                 rows.append(row)
-                print(f"{model:10s} {name:12s} B={B:4d} {row['median_ms']:9.2f} ms {row['peak_mib']:9.1f} MiB",
+                print(f"{model:10s} {name:16s} B={B:4d} {row['median_ms']:9.2f} ms {row['peak_mib'] or 0:9.1f} MiB",
                       flush=True)
-        del clip, enc
-        torch.cuda.empty_cache()
+        del clip, enc, full
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
+def _vectorised_rounds(dev, clients: list[int], repeats: int) -> dict[str, Any]:
+    """bench.vectorize's sequential vs vectorised round times on ``dev`` (tiny model), and the goal:
+    the vectorised DP round at the most clients within 2x of the one at the fewest."""
+    from bench.vectorize import measure
+    from dpfpl.clip import load_clip
+
+    clip = load_clip("dpfpl-tiny", None, dev, init_seed=0)
+    rows = []
+    for private in (True, False):
+        for K in clients:
+            r = measure(K, private, repeats, clip, str(dev))
+            rows.append({k: v for k, v in r.items() if not k.endswith("_all_s")})
+            print(f"{r['mode']:10s} K={K:3d}: sequential {r['sequential_s']:.4f} s, vectorised "
+                  f"{r['vectorized_s']:.4f} s ({r['speedup']:.2f}x)", flush=True)
+    dp = {r["clients"]: r["vectorized_s"] for r in rows if r["mode"] == "dp"}
+    lo, hi = min(dp), max(dp)
+    ratio = dp[hi] / dp[lo]
+    return {"rows": rows, "goal": f"vectorised DP round at {hi} clients / at {lo}: {ratio:.2f} (goal <= 2)",
+            "dp_ratio": ratio, "goal_met": ratio <= 2.0}
+
+
 def table(res: dict[str, Any]) -> str:
-    lines = ["# GPU check\n", f"Command: `{res['command']}`\n", f"Device: {res['device']}\n", "## CUDA checks\n"]
-    lines += [f"- {k}: {v}" for k, v in res["checks"].items()]
-    lines += ["\n## Gradient step (100 classes, n_ctx 16; random weights)\n",
+    lines = ["# GPU check\n", f"Command: `{res['command']}`\n", f"Device: {res['device']}\n"]
+    if res.get("smoke"):
+        lines.append("SMOKE RUN on the CPU (a test of the script): not GPU figures.\n")
+    lines += ["## CUDA checks\n"] + [f"- {k}: {v}" for k, v in res["checks"].items()]
+    lines += [f"\n## Gradient step ({res['n_classes']} classes, n_ctx 16; random weights)\n",
               "| model | case | B | median ms | peak MiB | auto picked |", "|---|---|---|---|---|---|"]
     for r in res["steps"]:
-        lines.append(f"| {r['model']} | {r['case']} | {r['B']} | {r['median_ms']:.2f} | {r['peak_mib']:.1f} | "
-                     f"{r.get('picked', '')} |")
-    lines.append(f"\nVectorised rounds: {res['vectorised_rounds']}")
+        mem = f"{r['peak_mib']:.1f}" if r["peak_mib"] is not None else "-"
+        lines.append(f"| {r['model']} | {r['case']} | {r['B']} | {r['median_ms']:.2f} | {mem} | {r.get('picked', '')} |")
+    v = res["vectorised_rounds"]
+    lines += ["\n## Vectorised vs sequential rounds (tiny model; bench.vectorize.measure)\n",
+              "| round | clients K | sequential (s) | vectorised (s) | speedup | max abs p_G diff |",
+              "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['mode']} | {r['clients']} | {r['sequential_s']:.4f} | {r['vectorized_s']:.4f} | "
+              f"{r['speedup']:.2f}x | {r['max_abs_p_G_diff']:.1e} |" for r in v["rows"]]
+    lines.append(f"\nGoal: {v['goal']}: {'met' if v['goal_met'] else 'NOT met'}.")
+    lines.append(f"\nWall time: {res['wall_s']:.0f} s.")
     return "\n".join(lines) + "\n"
 
 
@@ -129,21 +194,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 256])
     ap.add_argument("--models", nargs="+", default=["dpfpl-tiny", "ViT-B-16"])
+    ap.add_argument("--classes", type=int, default=100, help="classes of the gradient-step timings")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 10, 64], help="clients of the round timings")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per gradient step (after 2 warm-up)")
+    ap.add_argument("--round-repeats", type=int, default=3, help="timed rounds per (mode, K) after a warm-up")
+    ap.add_argument("--smoke", action="store_true", help="allow --device cpu: a test of the script, not GPU figures")
     args = ap.parse_args(argv)
     import torch
 
-    if not torch.cuda.is_available():
+    dev = torch.device(args.device)
+    if dev.type == "cpu" and not args.smoke:
+        print("gpu-check: --device cpu measures no GPU; add --smoke to test the script itself", file=sys.stderr)
+        return NO_CUDA_STATUS
+    if dev.type == "cuda" and not torch.cuda.is_available():
         print("gpu-check: no CUDA device here (torch.cuda.is_available() is False); nothing measured, "
               f"{args.out} left as it is", file=sys.stderr)
         return NO_CUDA_STATUS
-    dev = torch.device(args.device)
     t0 = time.perf_counter()
     args_text = " ".join(argv if argv is not None else sys.argv[1:])
     res: dict[str, Any] = {"command": f"python -m bench.gpu_check {args_text}".strip(),
-                           "device": torch.cuda.get_device_name(dev), "torch": torch.__version__}
+                           "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (smoke)",
+                           "torch": torch.__version__, "smoke": args.smoke, "n_classes": args.classes}
     res["checks"] = _cuda_checks(dev)
-    res["steps"] = _step_timings(dev, args.batch_sizes, args.models)
-    res["vectorised_rounds"] = "not measured: the vectorised-clients engine (issue 14 item 1) has not landed"
+    res["steps"] = _step_timings(dev, args.batch_sizes, args.models, args.classes,
+                                 warmup=0 if args.smoke else 2, repeats=args.repeats)
+    res["vectorised_rounds"] = _vectorised_rounds(dev, args.clients, args.round_repeats)
     res["wall_s"] = time.perf_counter() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -49,26 +49,32 @@ def _dataset(K: int):
     return load_dataset("synthetic", None, seed=0, n_classes=16, train_per_class=per_class, test_per_class=2)
 
 
-def _engines(K: int, private: bool, clip, dataset):
+def _engines(K: int, private: bool, clip, dataset, device: str = "cpu"):
     from dpfpl.config import RunConfig
     from dpfpl.engine import Engine
 
     out = {}
     for vec in (False, True):
-        ov = dict(BASE, num_clients=K, vectorize_clients=vec, **(DP if private else {}))
+        ov = dict(BASE, device=device, num_clients=K, vectorize_clients=vec, **(DP if private else {}))
         out[vec] = Engine(RunConfig().update(ov), clip=clip, dataset=dataset)
     return out
 
 
-def measure(K: int, private: bool, repeats: int, clip) -> dict[str, Any]:
-    engines = _engines(K, private, clip, _dataset(K))
+def measure(K: int, private: bool, repeats: int, clip, device: str = "cpu") -> dict[str, Any]:
+    """Sequential and vectorised round times at K clients (``clip`` on ``device``; on CUDA each
+    round is timed to a synchronisation)."""
+    from bench.timing import synchronize
+
+    engines = _engines(K, private, clip, _dataset(K), device)
     times: dict[bool, list[float]] = {False: [], True: []}
     for e in engines.values():
         e.train_round()  # warm-up (and the cost model of the per-example strategy)
     for _ in range(repeats):
         for vec, e in engines.items():
+            synchronize(device)
             t0 = time.perf_counter()
             e.train_round()
+            synchronize(device)
             times[vec].append(time.perf_counter() - t0)
     seq, vec = statistics.median(times[False]), statistics.median(times[True])
     diff = float((engines[True].server.p_G - engines[False].server.p_G).detach().abs().max())
