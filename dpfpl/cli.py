@@ -82,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg, overrides = config_from_args(args)
     if args.resume is None:
         cfg.update(overrides)
-        check_config(cfg)
+        check_config(cfg, getattr(args, "engine", "inprocess"))
         note = reference_note(cfg, asked_fields(args))
         if note:
             print(f"dpfpl: note: {note}", file=sys.stderr)

@@ -59,12 +59,16 @@ def is_checkpoint_path(pretrained: str) -> bool:
     return os.path.sep in pretrained or Path(pretrained).suffix in CHECKPOINT_SUFFIXES
 
 
-def check_config(cfg: RunConfig) -> RunConfig:
-    """Raise ConfigError for the first problem knowable from ``cfg`` alone; returns ``cfg``."""
+def check_config(cfg: RunConfig, engine: str = "inprocess") -> RunConfig:
+    """Raise ConfigError for the first problem knowable from ``cfg`` and the ``engine`` it will run
+    on ("inprocess" or "flower") alone; returns ``cfg``."""
     from .registry import get_method
 
     cfg.validate()
     t, m, p = cfg.train, cfg.model, cfg.privacy
+    if engine == "flower" and t.vectorize_clients:
+        raise ConfigError("train.vectorize_clients=true cannot take effect on the Flower engine (one ClientApp "
+                          "per client steps one client); leave it unset or false")
     method = get_method(t.method)(rank=t.rank, ctx_init_std=t.ctx_init_std)
     width = text_width(m.model)
     if width is not None:

@@ -35,11 +35,11 @@ def summarize(engine: Engine, wall_s: float, pld: bool = True) -> dict[str, Any]
 
 
 def open_run(cfg: Optional[RunConfig], out: Optional[str | Path], resume: Optional[str | Path],
-             overrides: Optional[dict[str, Any]], start: bool = True
+             overrides: Optional[dict[str, Any]], start: bool = True, engine: str = "inprocess"
              ) -> tuple[RunConfig, Optional[RunDir], Optional[dict[str, Any]]]:
     """(config, run directory or None, checkpoint state or None) of a new or resumed run, for every
     engine. Everything knowable from the config is checked first (:mod:`dpfpl.preflight`) and
-    nothing is created when a check fails.
+    nothing is created when a check fails (``engine``: the one the run is for, see ``check_config``).
 
     New run: ``out`` must be a new or empty directory; with ``start`` it is created, locked and
     given config.json now, otherwise the caller calls ``rd.start(cfg)`` (the in-process engine does
@@ -61,7 +61,7 @@ def open_run(cfg: Optional[RunConfig], out: Optional[str | Path], resume: Option
                 if extra:
                     raise ConfigError(f"--resume continues the saved config; only --rounds may change (got {sorted(extra)})")
                 cfg.update(overrides)
-            check_config(cfg)
+            check_config(cfg, engine)
         except BaseException:
             rd.release()
             raise
@@ -69,7 +69,7 @@ def open_run(cfg: Optional[RunConfig], out: Optional[str | Path], resume: Option
     cfg = cfg or RunConfig()
     if overrides:
         cfg.update(overrides)
-    check_config(cfg)
+    check_config(cfg, engine)
     rd = RunDir(out) if out is not None else None
     if rd is not None:
         rd.check_new()

@@ -186,11 +186,11 @@ def test_option_and_fallback(make_cfg, tiny_clip, tiny_dataset):
 
 def test_flower_refuses_vectorize_true(make_cfg, tmp_path, capsys):
     """Flower runs one ClientApp per client: vectorize_clients=true cannot take effect there, so the
-    CLI refuses it in one line with status 2 before the run directory exists; the resume path's
-    preflight refuses it too. Unset (the default) or false is fine."""
+    CLI refuses it in one line with status 2 before the run directory exists; the config check that
+    every run (new or resumed) passes refuses it too. Unset (the default) or false is fine."""
     pytest.importorskip("flwr")
     from dpfpl.cli import main
-    from dpfpl.flower.run import _preflight
+    from dpfpl.preflight import check_config
 
     out = tmp_path / "run"
     rc = main(["train", "--engine", "flower", "--vectorize-clients", "true", "--rounds", "1", "--out", str(out)])
@@ -199,4 +199,7 @@ def test_flower_refuses_vectorize_true(make_cfg, tmp_path, capsys):
     assert err == ["dpfpl: error: train.vectorize_clients=true cannot take effect on the Flower engine (one "
                    "ClientApp per client steps one client); leave it unset or false"]
     with pytest.raises(ConfigError, match="vectorize_clients=true cannot take effect"):
-        _preflight(make_cfg(vectorize_clients=True, dataset="no-such-dataset"))
+        check_config(make_cfg(vectorize_clients=True), engine="flower")
+    for ok in (None, False):
+        check_config(make_cfg(vectorize_clients=ok), engine="flower")
+    check_config(make_cfg(vectorize_clients=True))  # the in-process engine runs it

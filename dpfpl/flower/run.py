@@ -145,14 +145,6 @@ def start_ray(ray_dir: Path, cpus: int, gpus: float, client_threads: int, verbos
 
 
 # ---------------------------------------------------------------------------------- entry point
-def _refuse_inert(cfg: Optional[RunConfig], overrides: Optional[dict[str, Any]] = None) -> None:
-    """Options that cannot take effect on this engine are errors, not ignored."""
-    vec = (overrides or {}).get("vectorize_clients", cfg.train.vectorize_clients if cfg is not None else None)
-    if vec is True or str(vec).lower() in ("true", "1", "yes", "on"):
-        raise ConfigError("train.vectorize_clients=true cannot take effect on the Flower engine (one ClientApp "
-                          "per client steps one client); leave it unset or false")
-
-
 def _preflight(cfg: RunConfig) -> int:
     """Cheap checks with the in-process engine's messages before Ray starts; returns #images."""
     from ..clip import _open_clip
@@ -160,7 +152,6 @@ def _preflight(cfg: RunConfig) -> int:
 
     t, d = cfg.train, cfg.data
     get_method(t.method)
-    _refuse_inert(cfg)
     if cfg.model.model not in _open_clip().list_models():
         from ..clip import load_clip
 
@@ -192,9 +183,8 @@ def run_flower(cfg: Optional[RunConfig] = None, out: Optional[str | Path] = None
         raise ConfigError(f"the flower engine builds the model and data inside each ClientApp from the config; "
                           f"{sorted(engine_kwargs)} cannot be passed (use the in-process engine)")
     require_flwr()
-    _refuse_inert(cfg, overrides)  # before the run directory exists (again in _preflight, for resumed configs)
     t0 = time.perf_counter()
-    cfg, rd, checkpoint = open_run(cfg, out, resume, overrides)
+    cfg, rd, checkpoint = open_run(cfg, out, resume, overrides, engine="flower")
     if rd is not None and resume is not None and rd.finished_summary(cfg) is not None:
         rd.release()
         return finished_noop(rd, rd.finished_summary(cfg))
