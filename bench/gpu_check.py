@@ -149,6 +149,8 @@ def _step_timings(dev, batch_sizes: list[int], models: list[str], n_classes: int
 def _vectorised_rounds(dev, clients: list[int], repeats: int) -> dict[str, Any]:
     """bench.vectorize's sequential vs vectorised round times on ``dev`` (tiny model), and the goal:
     the vectorised DP round at the most clients within 2x of the one at the fewest."""
+    import torch
+
     from bench.vectorize import measure
     from dpfpl.clip import load_clip
 
@@ -157,7 +159,7 @@ def _vectorised_rounds(dev, clients: list[int], repeats: int) -> dict[str, Any]:
     for private in (True, False):
         for K in clients:
             r = measure(K, private, repeats, clip, str(dev))
-            rows.append({k: v for k, v in r.items() if not k.endswith("_all_s")})
+            rows.append({"threads": torch.get_num_threads(), **{k: v for k, v in r.items() if not k.endswith("_all_s")}})
             print(f"{r['mode']:10s} K={K:3d}: sequential {r['sequential_s']:.4f} s, vectorised "
                   f"{r['vectorized_s']:.4f} s ({r['speedup']:.2f}x)", flush=True)
     dp = {r["clients"]: r["vectorized_s"] for r in rows if r["mode"] == "dp"}
@@ -168,6 +170,8 @@ def _vectorised_rounds(dev, clients: list[int], repeats: int) -> dict[str, Any]:
 
 
 def table(res: dict[str, Any]) -> str:
+    from bench.vectorize import table as vectorize_table
+
     lines = ["# GPU check\n", f"Command: `{res['command']}`\n", f"Device: {res['device']}\n"]
     if res.get("smoke"):
         lines.append("SMOKE RUN on the CPU (a test of the script): not GPU figures.\n")
@@ -178,11 +182,7 @@ def table(res: dict[str, Any]) -> str:
         mem = f"{r['peak_mib']:.1f}" if r["peak_mib"] is not None else "-"
         lines.append(f"| {r['model']} | {r['case']} | {r['B']} | {r['median_ms']:.2f} | {mem} | {r.get('picked', '')} |")
     v = res["vectorised_rounds"]
-    lines += ["\n## Vectorised vs sequential rounds (tiny model; bench.vectorize.measure)\n",
-              "| round | clients K | sequential (s) | vectorised (s) | speedup | max abs p_G diff |",
-              "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['mode']} | {r['clients']} | {r['sequential_s']:.4f} | {r['vectorized_s']:.4f} | "
-              f"{r['speedup']:.2f}x | {r['max_abs_p_G_diff']:.1e} |" for r in v["rows"]]
+    lines += ["\n## Vectorised vs sequential rounds (tiny model; bench.vectorize.measure)\n", vectorize_table(v["rows"])]
     lines.append(f"\nGoal: {v['goal']}: {'met' if v['goal_met'] else 'NOT met'}.")
     lines.append(f"\nWall time: {res['wall_s']:.0f} s.")
     return "\n".join(lines) + "\n"

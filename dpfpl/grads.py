@@ -110,6 +110,12 @@ def _vjp_grads(enc: PromptTextEncoder, ctx: torch.Tensor, feats, labels, scale: 
     return losses, G
 
 
+def _per_class(enc: PromptTextEncoder, ctx: torch.Tensor) -> torch.Tensor:
+    """ctx (n_ctx, D) replicated per class, (C, n_ctx, D): the Jacobian strategy's input, whose
+    classes share nothing (no shared prefix, :mod:`dpfpl.prefix`), so each has its own gradient."""
+    return ctx.unsqueeze(0).expand(enc.n_classes, *ctx.shape).contiguous()
+
+
 def _jacobian_rows(enc: PromptTextEncoder, ctx: torch.Tensor, chunk: int):
     """f_txt (C, E) and an iterator of (e0, J_e (k, C, n_ctx, D)), J_e[j, c] = d f_txt[c, e0 + j] / d ctx.
 
@@ -118,8 +124,7 @@ def _jacobian_rows(enc: PromptTextEncoder, ctx: torch.Tensor, chunk: int):
     1[e] on every class's row yields row e of all C Jacobians at once, i.e. E reverse passes
     (vmapped ``chunk`` at a time) give J whole, however many examples use it."""
     C = enc.n_classes
-    ctx_c = ctx.unsqueeze(0).expand(C, *ctx.shape).contiguous()  # (C, n_ctx, D)
-    txt, vjp_fn = torch.func.vjp(enc, ctx_c)  # (C, E)
+    txt, vjp_fn = torch.func.vjp(enc, _per_class(enc, ctx))  # (C, E)
     E = txt.shape[1]
     eye = torch.eye(E, dtype=txt.dtype, device=txt.device)
 
@@ -191,8 +196,7 @@ def _measure(enc: PromptTextEncoder, ctx: torch.Tensor, sizes: tuple[int, int] =
     warm-up; and per example of the Jacobian product (an 8-row product, "product")."""
     g = torch.Generator(device=ctx.device).manual_seed(0)
     out: dict[str, float] = {}
-    per_class = ctx.unsqueeze(0).expand(enc.n_classes, *ctx.shape).contiguous()  # (C, n_ctx, D)
-    for name, c in (("pullback", ctx), ("pullback_jacobian", per_class)):
+    for name, c in (("pullback", ctx), ("pullback_jacobian", _per_class(enc, ctx))):
         txt, vjp_fn = torch.func.vjp(enc, c)  # (C, E)
         cots = torch.randn(sizes[1], *txt.shape, generator=g, device=ctx.device, dtype=txt.dtype)  # (k, C, E)
         torch.func.vmap(vjp_fn)(cots[:sizes[0]])  # warm-up

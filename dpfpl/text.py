@@ -114,7 +114,7 @@ class PromptTextEncoder(nn.Module):
     def rows_per_pass(self) -> int:
         """Token rows one pass of a shared context runs through the tower (memory/cost models)."""
         if self.shares_prefix:
-            return 1 + self.n_ctx + self.n_classes * (self.length - 1 - self.n_ctx)
+            return 1 + self.n_ctx + self.n_classes * self.suffix.shape[1]
         return self.n_classes * self.length
 
     def forward(self, ctx: torch.Tensor) -> torch.Tensor:
